@@ -1,0 +1,137 @@
+"""The `ironcore` command: train | preprocess | tokenizer | config | export | generate.
+
+This is the one place that prints. User mistakes (`IronCoreError`) become one line on stderr and exit
+code 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+import yaml
+
+from ironcore.errors import IronCoreError
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """CONFIG plus `group.field=value` overrides, shared by every subcommand that reads a run config."""
+    parser.add_argument("config", help="run config YAML")
+    parser.add_argument("overrides", nargs="*", help="GROUP.FIELD=VALUE overrides, values typed as YAML")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from ironcore.config import config_to_dict, load_config
+    from ironcore.translate import LaunchEnv, explain, write_accelerate_config
+
+    run = load_config(args.config, args.overrides, world_size=args.world_size)
+    env = LaunchEnv.from_environ(world_size=args.world_size)
+    report = config_to_dict(run)
+    if args.explain:
+        report["explain"] = explain(run, env)
+    if args.write_accelerate_config:
+        write_accelerate_config(run, args.write_accelerate_config, env)
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        print(yaml.safe_dump(report, sort_keys=False), end="")
+    return 0
+
+
+def config_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="print the fully resolved config (and what a launch would build from it)")
+    add_config_args(p)
+    p.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    p.add_argument("--world-size", type=int, default=None, help="world size for the batch arithmetic (default: launch env)")
+    p.add_argument("--explain", action="store_true", help="add batch arithmetic, Accelerate/DeepSpeed/FSDP settings, estimates")
+    p.add_argument("--write-accelerate-config", metavar="FILE", help="write a file for `accelerate launch --config_file`")
+    p.set_defaults(func=cmd_config)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ironcore.config import load_config
+    from ironcore.train import train
+
+    overrides = [*args.overrides, *(["trainer.resume=false"] if args.fresh else [])]
+    export_dir = train(load_config(args.config, overrides))
+    print(f"model exported to {export_dir}")
+    return 0
+
+
+def train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train as the config says (same as `accelerate launch -m ironcore.train`)")
+    add_config_args(p)
+    p.add_argument("--fresh", action="store_true", help="start fresh even if the run directory holds checkpoints")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ironcore.export import export
+
+    print(f"exported to {export(args.src, args.out, args.arch, args.push_to_hub)}")
+    return 0
+
+
+def export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="re-export a run (or model dir) as an IronCore, GPT-2 or LLaMA HF directory")
+    p.add_argument("src", help="run directory or IronCore model directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--arch", choices=["ironcore", "gpt2", "llama"], default="ironcore")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this Hub repo")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ironcore.generate import generate
+
+    for text in generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, seed=args.seed):
+        print(text)
+    return 0
+
+
+def generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from an exported model directory")
+    p.add_argument("model_dir")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+
+def data_parsers(sub: argparse._SubParsersAction) -> None:
+    from ironcore.data.cli import register
+
+    register(sub)
+
+
+PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    train_parser, data_parsers, config_parser, export_parser, generate_parser,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ironcore", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except IronCoreError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Cross-field rules: derived values (batch arithmetic, launch environment, tokenizer) and contradictions.
+
+Runs once, after every field has been type-checked, and returns the final frozen RunConfig.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+from ironcore.errors import ConfigError
+from ironcore.models.configuration_ironcore import validate_model_config
+from ironcore.optim import validate_schedule
+from ironcore.profiling import validate_profiling
+
+from .schema import DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainerConfig
+
+
+def resolve(run: RunConfig, world_size: int | None = None) -> RunConfig:
+    """Fill what is derived and reject what contradicts itself."""
+    check_parallel(run)
+    parallel = launch_environment(run.parallel, world_size)
+    model = fold_tokenizer(run.model, run.data)
+    run = replace(
+        run,
+        parallel=parallel,
+        model=model,
+        trainer=batch_arithmetic(run.trainer, parallel.world_size),
+        data=resolve_data(run.data, model),
+    )
+    validate_model_config(run.model)
+    validate_schedule(run.optim, run.operation.train_steps)
+    validate_profiling(run.utils)
+    if run.init.data_parallel_random_init and parallel.world_size > 1:
+        raise ConfigError(
+            "init.data_parallel_random_init: not supported with more than one process: DDP, FSDP and DeepSpeed "
+            "start every rank from rank 0's weights; leave it false"
+        )
+    return run
+
+
+def launch_environment(parallel: ParallelConfig, world_size: int | None) -> ParallelConfig:
+    """rank / local_rank / world_size are 'auto' fields: the launcher's environment decides them."""
+    env = os.environ
+    return replace(
+        parallel,
+        world_size=world_size or int(env.get("WORLD_SIZE", parallel.world_size)),
+        rank=int(env.get("RANK", parallel.rank)),
+        local_rank=int(env.get("LOCAL_RANK", parallel.local_rank)),
+    )
+
+
+def batch_arithmetic(trainer: TrainerConfig, world_size: int) -> TrainerConfig:
+    """train_batch_size = micro_batch_size * gradient_accumulation_steps * dp_size; derive the missing one."""
+    model_parallel = trainer.tensor_model_parallel_size * trainer.pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"trainer: world size {world_size} is not divisible by tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {model_parallel}"
+        )
+    dp = world_size // model_parallel
+    micro, gas, total = trainer.micro_batch_size, trainer.gradient_accumulation_steps, trainer.train_batch_size
+    per_step = micro * dp
+    if gas is None and total is None:
+        gas = 1
+    if gas is None:
+        if total % per_step:
+            raise ConfigError(
+                f"trainer.train_batch_size: {total} is not a multiple of micro_batch_size {micro} x dp_size {dp} "
+                f"= {per_step}, so gradient_accumulation_steps cannot be derived"
+            )
+        gas = total // per_step
+    expected = per_step * gas
+    if total is not None and total != expected:
+        raise ConfigError(
+            f"trainer.train_batch_size: {total} != micro_batch_size {micro} x gradient_accumulation_steps {gas} "
+            f"x dp_size {dp} (world_size {world_size} / (tp {trainer.tensor_model_parallel_size} x "
+            f"pp {trainer.pipeline_model_parallel_size})) = {expected}"
+        )
+    return replace(
+        trainer,
+        train_batch_size=expected,
+        gradient_accumulation_steps=gas,
+        eval_batch_size=trainer.eval_batch_size or micro,
+    )
+
+
+def fold_tokenizer(model: ModelConfig, data: DataConfig) -> ModelConfig:
+    """A data config file may name the tokenizer its data was prepared with; it wins over the model's."""
+    return replace(
+        model,
+        vocab_name_or_path=data.vocab_name_or_path or model.vocab_name_or_path,
+        tokenizer_type=data.tokenizer_type or model.tokenizer_type,
+    )
+
+
+def resolve_data(data: DataConfig, model: ModelConfig) -> DataConfig:
+    """seq_length defaults to the model's context; the split ratios must describe the whole dataset."""
+    seq_length = data.seq_length or model.max_seq_len
+    if seq_length > model.max_seq_len:
+        raise ConfigError(f"data.seq_length: {seq_length} exceeds model.max_seq_len {model.max_seq_len}")
+    if len(data.splits) != 3:
+        raise ConfigError(f"data.splits: expected 3 ratios (train, eval, test), got {len(data.splits)}")
+    if any(s < 0 for s in data.splits) or abs(sum(data.splits) - 1.0) > 1e-6:
+        raise ConfigError(f"data.splits: {list(data.splits)} must be non-negative and sum to 1 (sum is {sum(data.splits):g})")
+    return replace(
+        data,
+        seq_length=seq_length,
+        vocab_name_or_path=model.vocab_name_or_path,
+        tokenizer_type=model.tokenizer_type,
+    )
+
+
+def check_parallel(run: RunConfig) -> None:
+    """Parallelism choices that cannot work together, refused before anything starts."""
+    if run.parallel.use_fsdp and run.parallel.deepspeed_config:
+        raise ConfigError("parallel.use_fsdp: FSDP and DeepSpeed (parallel.deepspeed_config) cannot be combined; choose one")
+    if run.trainer.pipeline_model_parallel_size > 1:
+        raise ConfigError(
+            "trainer.pipeline_model_parallel_size: pipeline parallelism is not supported; "
+            "use FSDP (parallel.use_fsdp: true) or DeepSpeed ZeRO-3 (parallel.deepspeed_config: zero3) to fit large models"
+        )

@@ -1,0 +1,196 @@
+"""Train and eval loaders: deterministic, sharded by rank, and resumable mid-epoch.
+
+Order: epoch e visits the training rows in `np.random.default_rng([seed, e]).permutation(n)`. Each
+micro-step consumes one global micro-batch of `micro_batch_size * world_size` consecutive rows of that
+order; rank r takes the r-th slice of `micro_batch_size` rows, so ranks see disjoint rows. The rows
+left over at the end of an epoch (fewer than a global micro-batch) are skipped, and the next epoch
+starts. The position is (epoch, cursor) with the cursor counted in global rows, so `state_dict()` is
+the same on every rank, and restoring it (even with another world size) continues with exactly the
+rows that come next, without reading the consumed ones. `sample_ids` are row indices of the dataset.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from ironcore.config.schema import RunConfig
+from ironcore.data.collate import DPOCollator, LMCollator
+from ironcore.data.prepare import resolve_seq_length
+from ironcore.errors import ConfigError, DataError
+
+
+class _Rows(torch.utils.data.Dataset):
+    """A `datasets.Dataset` read a micro-batch at a time, each row tagged with its `sample_id`."""
+
+    def __init__(self, dataset: datasets.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        columns = self.dataset[list(indices)]
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        for row, index in zip(rows, indices):
+            row["sample_id"] = index
+        return rows
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+
+class TrainLoader:
+    """Infinite iterator of this rank's micro-batches with `state_dict` / `load_state_dict`."""
+
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        collate: Callable[[list[dict]], dict],
+        *,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_workers: int = 0,
+    ):
+        self.dataset, self.collate = dataset, collate
+        self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
+        self.seed, self.num_workers = seed, num_workers
+        self.global_batch = micro_batch_size * world_size
+        if len(dataset) < self.global_batch:
+            raise DataError(
+                f"the training data has {len(dataset)} rows, fewer than one global micro-batch "
+                f"({micro_batch_size} x {world_size} ranks)"
+            )
+        self.epoch, self.cursor = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.dataset) // self.global_batch
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+
+    def _index_batches(self, epoch: int, cursor: int) -> Iterator[list[int]]:
+        while True:
+            order = self._order(epoch)
+            while cursor + self.global_batch <= len(order):
+                start = cursor + self.rank * self.micro_batch_size
+                yield order[start : start + self.micro_batch_size].tolist()
+                cursor += self.global_batch
+            epoch, cursor = epoch + 1, 0
+
+    def _advance(self) -> None:
+        self.cursor += self.global_batch
+        if self.cursor + self.global_batch > len(self.dataset):
+            self.epoch, self.cursor = self.epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        loader = DataLoader(
+            _Rows(self.dataset),
+            batch_sampler=self._index_batches(self.epoch, self.cursor),
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+        for batch in loader:
+            self._advance()
+            yield batch
+
+    def state_dict(self) -> dict:
+        """The position after the last batch handed out (prefetched batches do not count)."""
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "num_samples": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_samples"] != len(self.dataset) or state["seed"] != self.seed:
+            raise DataError(
+                f"the saved data position is for {state['num_samples']} training rows with seed {state['seed']}, "
+                f"but this run has {len(self.dataset)} rows with seed {self.seed}; the data or its mixture changed"
+            )
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        if self.cursor + self.global_batch > len(self.dataset):
+            self.epoch, self.cursor = self.epoch + 1, 0
+
+
+class EvalLoader:
+    """The first `max_samples` rows (all when None), split evenly over ranks, in fixed order."""
+
+    def __init__(self, dataset: datasets.Dataset | None, collate, *, batch_size: int, rank: int, world_size: int,
+                 max_samples: int | None):
+        total = 0 if dataset is None else len(dataset) if max_samples is None else min(max_samples, len(dataset))
+        per_rank = total // world_size
+        self.rows = None if dataset is None else _Rows(dataset)
+        self.indices = list(range(rank * per_rank, (rank + 1) * per_rank))
+        self.collate, self.batch_size = collate, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, len(self.indices), self.batch_size):
+            yield self.collate(self.rows.__getitems__(self.indices[start : start + self.batch_size]))
+
+
+def make_collator(dataset: datasets.Dataset, run: RunConfig, tokenizer: PreTrainedTokenizerBase | None):
+    """The collator for the dataset's task (read from its columns), with the pad id of `data.pad_token_id`."""
+    if tokenizer is None:
+        from ironcore.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(run)
+    eos_id = tokenizer.eos_token_id
+    pad_id = run.data.pad_token_id if run.data.pad_token_id >= 0 else eos_id
+    if pad_id >= run.data.vocab_size:
+        raise ConfigError(f"data.pad_token_id {pad_id} is outside the model vocabulary (data.vocab_size {run.data.vocab_size})")
+    seq_length = resolve_seq_length(run)
+    columns = dataset.column_names if dataset is not None else []
+    if "chosen_input_ids" in columns:
+        return DPOCollator(pad_id, seq_length, run.data.pad_to_max_length)
+    pretrain_rows = "labels" not in columns
+    reset = eos_id if pretrain_rows and run.data.reset_position_ids else None
+    return LMCollator(pad_id, seq_length, run.data.pad_to_max_length, reset)
+
+
+def build_train_loader(
+    dataset: datasets.Dataset,
+    run: RunConfig,
+    *,
+    rank: int,
+    world_size: int,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> TrainLoader:
+    """This rank's infinite, resumable micro-batch iterator over `dataset` (pass `tokenizer` to skip reloading it)."""
+    return TrainLoader(
+        dataset,
+        make_collator(dataset, run, tokenizer),
+        micro_batch_size=run.trainer.micro_batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=run.init.seed,
+        num_workers=run.trainer.num_workers,
+    )
+
+
+def build_eval_loader(
+    dataset: datasets.Dataset | None,
+    run: RunConfig,
+    *,
+    rank: int,
+    world_size: int,
+    max_samples: int | None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> EvalLoader:
+    """This rank's finite eval batches of `eval_batch_size` (else micro_batch_size); empty when `dataset` is None."""
+    return EvalLoader(
+        dataset,
+        make_collator(dataset, run, tokenizer),
+        batch_size=run.trainer.eval_batch_size or run.trainer.micro_batch_size,
+        rank=rank,
+        world_size=world_size,
+        max_samples=max_samples,
+    )

@@ -1,0 +1,60 @@
+"""Mixing several training datasets by ratio.
+
+Semantics: `ratio` is the proportion of training samples drawn from each dataset (ratios are
+normalised, so `[3, 1]` means 75% / 25%). The mixture is built once, seeded, with
+`datasets.interleave_datasets(probabilities=..., seed=..., stopping_strategy="all_exhausted")`: each
+row comes from dataset i with probability ratio_i, until every dataset has been used completely at
+least once. A dataset that runs out before the others starts again from its first row (it is
+repeated, i.e. upsampled), so the proportions hold over the whole mixture, and no dataset is cut
+short. The mixture is one epoch; the train loader then reshuffles it every epoch.
+
+A sample is a tokenized row: a pretrain block, an SFT sample (or, with packing, a packed row), or a
+DPO pair. A dataset with ratio 0 is left out of training (its eval/test splits still count). When
+using a big dataset completely at a tiny ratio would make the mixture more than `MAX_GROWTH` times
+the data, that is a ConfigError: raise its ratio or cap it with `max_samples`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import datasets
+
+from ironcore.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+MAX_GROWTH = 50
+
+
+def mix(parts: list[datasets.Dataset], ratios: list[float], names: list[str], *, seed: int) -> datasets.Dataset:
+    """One training dataset drawing from `parts` in proportion to `ratios`, reproducible for a seed."""
+    if not any(r > 0 for r in ratios):
+        raise ConfigError("data.train_datasets: every ratio is 0; give at least one dataset a ratio > 0")
+    for name, part, ratio in zip(names, parts, ratios):
+        if ratio > 0 and len(part) == 0:
+            raise DataError(f"train dataset '{name}' has no training rows, but its ratio is {ratio}")
+    keep = [i for i, r in enumerate(ratios) if r > 0]
+    for i in set(range(len(parts))) - set(keep):
+        logger.info("train dataset '%s' has ratio 0 and is not trained on", names[i])
+    if len(keep) == 1:
+        return parts[keep[0]]
+    total = sum(ratios[i] for i in keep)
+    probabilities = [ratios[i] / total for i in keep]
+    _check_growth([parts[i] for i in keep], probabilities, [names[i] for i in keep])
+    mixed = datasets.interleave_datasets(
+        [parts[i] for i in keep], probabilities=probabilities, seed=seed, stopping_strategy="all_exhausted"
+    )
+    logger.info("Mixed %s into %d training rows", ", ".join(f"{names[i]} {p:.1%}" for i, p in zip(keep, probabilities)), len(mixed))
+    return mixed
+
+
+def _check_growth(parts: list[datasets.Dataset], probabilities: list[float], names: list[str]) -> None:
+    rows = sum(len(p) for p in parts)
+    expected = max(len(p) / q for p, q in zip(parts, probabilities))
+    if expected > MAX_GROWTH * rows:
+        worst = max(range(len(parts)), key=lambda i: len(parts[i]) / probabilities[i])
+        raise ConfigError(
+            f"train dataset '{names[worst]}' ({len(parts[worst])} rows at {probabilities[worst]:.2%}) would need a mixture "
+            f"of about {expected:,.0f} rows to be used once; raise its ratio or set its max_samples"
+        )

@@ -1,0 +1,292 @@
+"""From a RunConfig and a tokenizer to tokenized train / eval / test datasets, through the preprocessing cache.
+
+Each dataset entry is tokenized once into `<preprocessed_dir>/<name>-<fingerprint>/` (one
+`save_to_disk` folder per split plus `COMPLETE.json` with its statistics). The fingerprint covers
+everything that changes the rows: the entry's fields (except `name` and `ratio`), its files (path,
+size, mtime) or Hub name or the built-in corpus version, the tokenizer (its serialized content,
+special tokens and chat template), `seq_length`, the task, the split ratios, and for SFT/DPO the
+truncation rule and packing, and for pretrain `num_workers` (each worker cuts blocks from its own
+contiguous shard of documents, so the worker count moves block boundaries). A later run (or `ironcore preprocess`) with the same inputs loads the
+folders and tokenizes nothing; any change builds a new entry. Mixing (`mixing.mix`) happens after
+loading, so changing a ratio or the seed never re-tokenizes.
+
+Splits: every training entry is split into train / eval / test rows by `data.splits` (normalised),
+with a fixed seed (`SPLIT_SEED`, independent of `init.seed`, so held-out rows stay the same across
+runs). Pretrain entries are split by document before blocks are cut; SFT/DPO entries by sample after
+filtering. When `eval_datasets` (or `test_datasets`) are given they replace the eval (test) split
+and its share stays in training. Each non-train split takes ceil(n * ratio) rows, at least one.
+
+Multi-process: `prepare_data` is safe to call from every rank. A file lock per cache entry makes the
+first caller build while the others wait and then load; under `accelerator.main_process_first()` the
+main process builds and the others find the entry complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+from transformers import PreTrainedTokenizerBase
+
+from ironcore.config.schema import DatasetSpec, RunConfig
+from ironcore.data import dpo, mixing, pretrain, sft
+from ironcore.data.cache import build_atomically, fingerprint
+from ironcore.data.sources import dataset_name, load_source, source_fingerprint
+from ironcore.data.tokenizer import cache_root, tokenizer_fingerprint
+from ironcore.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+SPLIT_SEED = 1234
+SPLITS = ("train", "eval", "test")
+
+
+@dataclass
+class PreparedData:
+    """Tokenized datasets ready for the loaders; `eval` / `test` are None when no rows are held out."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    test: datasets.Dataset | None
+    task: str
+    seq_length: int
+    stats: dict = field(default_factory=dict)
+
+
+def resolve_task(run: RunConfig) -> str:
+    """The run's one task: `data.task_type` and every entry's `task_type` must agree."""
+    specs = [*(run.data.train_datasets or ()), *(run.data.eval_datasets or ()), *(run.data.test_datasets or ())]
+    tasks = {s.task_type for s in specs if s.task_type} | ({run.data.task_type} if run.data.task_type else set())
+    if not tasks:
+        raise ConfigError("data.task_type is not set; choose pretrain, sft or dpo")
+    if len(tasks) > 1:
+        raise ConfigError(f"data: dataset entries of several tasks ({', '.join(sorted(tasks))}); one run trains one task")
+    return tasks.pop()
+
+
+def resolve_seq_length(run: RunConfig) -> int:
+    """`data.seq_length`, else `model.max_seq_len`; never longer than the model's positions."""
+    seq_length = run.data.seq_length or run.model.max_seq_len
+    if seq_length > run.model.max_seq_len:
+        raise ConfigError(f"data.seq_length {seq_length} exceeds model.max_seq_len {run.model.max_seq_len}")
+    return seq_length
+
+
+def split_fractions(run: RunConfig) -> dict[str, float]:
+    """Normalised train/eval/test shares of the training entries; given eval/test datasets return theirs to train."""
+    splits = run.data.splits
+    if len(splits) != 3 or any(s < 0 for s in splits) or sum(splits) <= 0:
+        raise ConfigError(f"data.splits must be three non-negative ratios (train, eval, test), got {list(splits)}")
+    train, held_eval, held_test = splits
+    if run.data.eval_datasets:
+        train, held_eval = train + held_eval, 0.0
+    if run.data.test_datasets:
+        train, held_test = train + held_test, 0.0
+    if train <= 0:
+        raise ConfigError(f"data.splits {list(splits)} leaves no rows for training")
+    total = train + held_eval + held_test
+    return {name: share / total for name, share in zip(SPLITS, (train, held_eval, held_test)) if share > 0}
+
+
+def split_rows(n: int, fractions: dict[str, float], label: str) -> dict[str, np.ndarray]:
+    """Row indices per split from a fixed-seed permutation; train keeps file order, held-out rows stay shuffled."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    counts = {name: max(1, math.ceil(n * share)) for name, share in fractions.items() if name != "train"}
+    if "train" in fractions:
+        counts = {"train": n - sum(counts.values()), **counts}
+    else:
+        counts = {name: n for name in counts}
+    if counts.get("train", 1) <= 0:
+        raise DataError(f"{label}: {n} rows are too few for data.splits {fractions}")
+    out, start = {}, 0
+    for name, count in counts.items():
+        rows = order[start : start + count]
+        out[name] = np.sort(rows) if name == "train" else rows
+        start += count
+    return out
+
+
+def preprocessed_root(run: RunConfig) -> Path:
+    return Path(run.data.preprocessed_dir).expanduser() if run.data.preprocessed_dir else cache_root(run.data) / "preprocessed"
+
+
+def _datasets_cache(run: RunConfig) -> str | None:
+    return str(Path(run.data.cache_dir).expanduser() / "datasets") if run.data.cache_dir else None
+
+
+def prepare_data(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """Tokenized (cached) train / eval / test datasets of the run, the training entries mixed by ratio."""
+    task, seq_length = resolve_task(run), resolve_seq_length(run)
+    if not run.data.train_datasets:
+        raise ConfigError("data.train_datasets is empty; give at least one dataset (see configs/data/)")
+    context = _Context(run, tokenizer, task, seq_length, tokenizer_fingerprint(tokenizer))
+    fractions = split_fractions(run)
+    names = _unique_names(run.data.train_datasets)
+    held: dict[str, list[datasets.Dataset]] = {"eval": [], "test": []}
+    train_parts, entry_stats = [], {}
+    for i, (spec, name) in enumerate(zip(run.data.train_datasets, names)):
+        parts, info = context.entry(spec, name, f"data.train_datasets[{i}] '{name}'", fractions)
+        train_parts.append(parts["train"])
+        for split in ("eval", "test"):
+            if split in parts:
+                held[split].append(parts[split])
+        entry_stats[name] = info
+    for role in ("eval", "test"):
+        specs = getattr(run.data, f"{role}_datasets") or ()
+        for i, (spec, name) in enumerate(zip(specs, _unique_names(specs))):
+            parts, info = context.entry(spec, name, f"data.{role}_datasets[{i}] '{name}'", {role: 1.0})
+            held[role].append(parts[role])
+            entry_stats[f"{role}:{name}"] = info
+    ratios = [spec.ratio for spec in run.data.train_datasets]
+    train = mixing.mix(train_parts, ratios, names, seed=run.init.seed)
+    evaluation, test = _combine(held["eval"]), _combine(held["test"])
+    total = sum(ratios)
+    stats = {
+        "task": task,
+        "seq_length": seq_length,
+        "train_rows": len(train),
+        "eval_rows": len(evaluation) if evaluation is not None else 0,
+        "test_rows": len(test) if test is not None else 0,
+        "mixture": {name: (r / total if total else 0.0) for name, r in zip(names, ratios)},
+        "datasets": entry_stats,
+    }
+    return PreparedData(train=train, eval=evaluation, test=test, task=task, seq_length=seq_length, stats=stats)
+
+
+def _unique_names(specs) -> list[str]:
+    names = [dataset_name(s) for s in specs]
+    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+def _combine(parts: list[datasets.Dataset]) -> datasets.Dataset | None:
+    """Held-out rows of every entry in one dataset, shuffled so the first N rows sample all entries."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return datasets.concatenate_datasets(parts).shuffle(seed=SPLIT_SEED)
+
+
+@dataclass
+class _Context:
+    """What every cache entry of one prepare_data call shares."""
+
+    run: RunConfig
+    tokenizer: PreTrainedTokenizerBase
+    task: str
+    seq_length: int
+    tokenizer_hash: str
+
+    def key(self, spec: DatasetSpec, fractions: dict[str, float]) -> str:
+        payload = {
+            "version": CACHE_VERSION,
+            "task": self.task,
+            "seq_length": self.seq_length,
+            "tokenizer": self.tokenizer_hash,
+            "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("name", "ratio")},
+            "source": source_fingerprint(spec, self.task),
+            "splits": fractions,
+            "split_seed": SPLIT_SEED,
+        }
+        if self.task == "pretrain":
+            payload["workers"] = self.run.data.num_workers
+        else:
+            payload["truncation"] = self.run.data.truncation
+        if self.task == "sft":
+            payload["pack"] = self.run.data.pack_sequences
+        return fingerprint(payload)
+
+    def entry(self, spec: DatasetSpec, name: str, label: str, fractions: dict[str, float]):
+        """The entry's split datasets (from the cache, built first if needed) and its statistics."""
+        final = preprocessed_root(self.run) / f"{name}-{self.key(spec, fractions)[:16]}"
+        info = build_atomically(final, partial(self._build, spec, name, label, fractions))
+        logger.info("%s: %s", label, ", ".join(f"{s} {info['splits'][s]['rows']} rows" for s in info["splits"]))
+        return {split: datasets.load_from_disk(str(final / split)) for split in info["splits"]}, info
+
+    def _build(self, spec: DatasetSpec, name: str, label: str, fractions: dict[str, float], tmp: Path) -> dict:
+        logger.info("%s: tokenizing into %s", label, tmp)
+        raw = load_source(spec, task=self.task, cache_dir=_datasets_cache(self.run), label=label)
+        if len(raw) == 0:
+            raise DataError(f"{label}: the dataset has no rows")
+        work = tmp / "work"
+        work.mkdir()
+        num_proc = self.run.data.num_workers if self.run.data.num_workers > 1 else None
+        if self.task == "pretrain":
+            pretrain.check_pretrain_columns(raw, spec, label)
+            parts = {
+                split: pretrain.tokenize_pretrain(raw.select(rows), self.tokenizer, spec=spec, seq_length=self.seq_length,
+                                                  num_proc=num_proc, label=label, cache_file=str(work / f"{split}.arrow"))
+                for split, rows in split_rows(len(raw), fractions, label).items()
+            }
+            if len(next(iter(parts.values()))) == 0:
+                raise DataError(f"{label}: no rows left after filtering: the documents hold fewer tokens than one block of {self.seq_length}")
+            counts = {"documents": len(raw)}
+        else:
+            parts, counts = self._samples(raw, spec, label, fractions, num_proc, work)
+        for split, ds in parts.items():
+            ds.save_to_disk(str(tmp / split))
+        names = list(parts)
+        del parts
+        shutil.rmtree(work)
+        splits = {split: split_stats(datasets.load_from_disk(str(tmp / split)), self.seq_length, self.task) for split in names}
+        return {"name": name, "label": label, "dataset_path": spec.dataset_path, "task": self.task,
+                "rows_in": len(raw), "status": counts, "splits": splits}
+
+    def _samples(self, raw, spec, label, fractions, num_proc, work: Path):
+        """SFT / DPO: tokenize every row, drop skipped ones (counted), split, pack (SFT, if asked)."""
+        tokenize = sft.tokenize_sft if self.task == "sft" else dpo.tokenize_dpo
+        rows = tokenize(raw, self.tokenizer, spec=spec, seq_length=self.seq_length, truncation=self.run.data.truncation,
+                        num_proc=num_proc, label=label, cache_file=str(work / "tokenized.arrow"))
+        counts = sft.status_counts(np.asarray(rows.data.column("status")))
+        kept = rows.filter(_is_kept, input_columns="status", batched=True, keep_in_memory=True).remove_columns("status")
+        skipped = {k: v for k, v in counts.items() if k not in ("ok", "truncated")}
+        if skipped:
+            logger.warning("%s: skipped %s", label, ", ".join(f"{v} rows ({k})" for k, v in skipped.items()))
+        if len(kept) == 0:
+            raise DataError(f"{label}: no rows left after filtering ({', '.join(f'{k}: {v}' for k, v in counts.items())})")
+        parts = {split: kept.select(idx) for split, idx in split_rows(len(kept), fractions, label).items()}
+        if self.task == "sft" and self.run.data.pack_sequences:
+            parts = {split: sft.pack(ds, seq_length=self.seq_length, cache_file=str(work / f"packed-{split}.arrow"))
+                     for split, ds in parts.items()}
+        return parts, counts
+
+
+def _is_kept(statuses: list[int]) -> list[bool]:
+    return [s in sft.KEPT for s in statuses]
+
+
+def split_stats(ds: datasets.Dataset, seq_length: int, task: str) -> dict:
+    """Rows, tokens, trained tokens, lengths and fill (tokens / (rows * seq_length)) of a cached split."""
+    if task == "dpo":
+        return {"rows": len(ds), **{side: _token_stats(ds, f"{side}_input_ids", f"{side}_labels", seq_length) for side in dpo.SIDES}}
+    return {"rows": len(ds), **_token_stats(ds, "input_ids", "labels" if "labels" in ds.column_names else None, seq_length)}
+
+
+def _token_stats(ds: datasets.Dataset, ids: str, labels: str | None, seq_length: int) -> dict:
+    table = ds.data
+    lengths = pc.list_value_length(table.column(ids)).to_numpy(zero_copy_only=False) if len(ds) else np.zeros(0)
+    tokens = int(lengths.sum())
+    trained = tokens
+    if labels is not None and len(ds):
+        trained = int(pc.sum(pc.not_equal(pc.list_flatten(table.column(labels)), sft.IGNORE_INDEX)).as_py() or 0)
+    out = {
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "trained_ratio": trained / tokens if tokens else 0.0,
+        "mean_length": float(lengths.mean()) if len(ds) else 0.0,
+        "max_length": int(lengths.max()) if len(ds) else 0,
+        "fill": tokens / (len(ds) * seq_length) if len(ds) else 0.0,
+    }
+    if "position_ids" in ds.column_names and len(ds):
+        out["samples"] = int(pc.sum(pc.equal(pc.list_flatten(table.column("position_ids")), 0)).as_py())
+    return out

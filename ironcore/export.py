@@ -1,0 +1,97 @@
+"""Hugging Face exports: the trained model as an IronCore, GPT-2 or LLaMA directory, plus its tokenizer.
+
+An export is what `AutoModelForCausalLM.from_pretrained(dir)` and `pipeline("text-generation")` load:
+safetensors weights, config.json, generation_config.json and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from ironcore.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+Arch = Literal["ironcore", "gpt2", "llama"]
+
+
+def save_hf(accelerator: Accelerator, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """Gather the full weights (collective under FSDP / ZeRO-3) and write an IronCore HF directory on rank 0.
+
+    The gathered state dict is loaded into a CPU copy of the model, so the export never depends on how the
+    training module is sharded, and the vocabulary padding rows are dropped.
+    """
+    from ironcore.models import trim_vocab_padding
+
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        with torch.device("meta"):
+            full = type(unwrapped)(unwrapped.config)
+        full.load_state_dict({k: v.detach().cpu() for k, v in state_dict.items()}, assign=True)
+        full.tie_weights()
+        write_hf(trim_vocab_padding(full.float()), tokenizer, Path(out_dir))
+    accelerator.wait_for_everyone()
+
+
+def write_export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, arch: Arch = "ironcore") -> Path:
+    """Write a loaded `model`, converted to a native architecture when asked, with its tokenizer."""
+    from ironcore.models import ironcore_to_gpt2, ironcore_to_llama, trim_vocab_padding
+
+    native = {"ironcore": trim_vocab_padding, "gpt2": ironcore_to_gpt2, "llama": ironcore_to_llama}[arch](model)
+    write_hf(native, tokenizer, out_dir)
+    logger.info("Exported %s model to %s", arch, out_dir)
+    return out_dir
+
+
+def write_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """save_pretrained (safetensors) + generation config + tokenizer."""
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def export_source(src: Path) -> Path:
+    """The HF directory behind `ironcore export SRC`: a run dir's `export/`, or an HF model dir itself."""
+    for candidate in (src / "export", src):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise CheckpointError(f"{src}: neither a run directory with export/ nor a model directory with config.json")
+
+
+def export(src: Path, out_dir: Path, arch: Arch = "ironcore", push_to_hub: str | None = None) -> Path:
+    """Re-export a finished run (or an IronCore model dir) as `arch`, optionally uploading it."""
+    from transformers import AutoTokenizer
+
+    from ironcore.models import load_pretrained
+
+    source = export_source(Path(src))
+    model = load_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    write_export(model, tokenizer, Path(out_dir), arch=arch)
+    if push_to_hub:
+        push(Path(out_dir), push_to_hub)
+    return Path(out_dir)
+
+
+def push(folder: Path, repo_id: str) -> None:
+    """Upload an export folder to the Hub (needs network and a token)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id)
+    except OfflineModeIsEnabled:
+        raise CheckpointError(f"--push-to-hub {repo_id}: cannot reach the Hub (HF_HUB_OFFLINE is set); the export is in {folder}") from None

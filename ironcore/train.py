@@ -1,0 +1,326 @@
+"""`accelerate launch -m ironcore.train CONFIG [overrides]`: the training loop, top to bottom.
+
+Every rank builds the same RunConfig, then: accelerator (translate) -> tokenizer + data -> model ->
+optimizer + schedule -> resume -> steps of [GA micro-batches -> backward -> clip -> step] with logging,
+evaluation and checkpoints -> test pass -> Hugging Face export. One run directory holds all of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from ironcore.checkpoint import MODEL_CONFIG_KEY, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from ironcore.config import RunConfig, config_to_dict
+from ironcore.data import build_eval_loader, build_train_loader, load_tokenizer, prepare_data
+from ironcore.errors import ConfigError, IronCoreError
+from ironcore.export import save_hf
+from ironcore.metrics import MetricsLog, flops_per_token, global_norm, memory_report, mfu, non_embedding_param_count, peak_flops
+from ironcore.models import build_model
+from ironcore.optim import build_optimizer, build_scheduler
+from ironcore.profiling import StepProfiler
+from ironcore.tasks import Batch, DirectPreference, LanguageModeling, reference_logps
+from ironcore.translate import build_accelerator, run_dir, tracker_init_kwargs, tracker_project_name
+
+logger = get_logger(__name__)
+
+
+class NonFiniteLossError(IronCoreError):
+    """Too many consecutive steps had a NaN/Inf loss; the run stops with its last good checkpoint."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int
+    grad_norm: float | None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m ironcore.train` is `ironcore train`: same parser, same one-line errors."""
+    from ironcore.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+def train(run: RunConfig) -> Path:
+    """Train as the config says; return the exported model directory."""
+    out = prepare_run_dir(run)
+    accelerator = build_accelerator(run)
+    logging.basicConfig(level=run.utils.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if run.utils.deterministic:
+        torch.use_deterministic_algorithms(True)
+    set_seed(run.init.seed)
+
+    tokenizer = load_tokenizer(run)
+    with accelerator.main_process_first():
+        data = prepare_data(run, tokenizer)
+    model = build_model(run)
+    task = build_task(run, model, data, tokenizer, accelerator)
+    optimizer = build_optimizer(model, run.optim, accelerator.device.type)
+    scheduler = build_scheduler(optimizer, run.optim, run.operation.train_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    set_seed(run.init.seed + accelerator.process_index)  # dropout differs per rank, weights do not
+
+    loader = build_train_loader(data.train, run, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                tokenizer=tokenizer)
+    step = resume(run, out, accelerator, loader, model)
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(run), sort_keys=False))
+    accelerator.init_trackers(tracker_project_name(run), config=flat_config(run), init_kwargs=tracker_init_kwargs(run))
+
+    loop = Loop(run, out, accelerator, model, optimizer, scheduler, task, data, tokenizer)
+    loop.run(step, iter(loader), loader)
+    loop.test()
+    export_dir = out / "export"
+    save_hf(accelerator, model, tokenizer, export_dir)
+    accelerator.end_training()
+    return export_dir
+
+
+def prepare_run_dir(run: RunConfig) -> Path:
+    """Create the run directory and prove it is writable before any expensive work starts."""
+    out = run_dir(run)
+    field_name = "trainer.model_path" if run.trainer.model_path else "trainer.model_name"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{time.time_ns()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{field_name}: cannot write the run directory {out} ({err.strerror})") from None
+    return out
+
+
+def build_task(run: RunConfig, model: torch.nn.Module, data, tokenizer, accelerator: Accelerator):
+    """Causal LM for pretrain/SFT; DPO against a frozen copy of the initial model, or its precomputed scores."""
+    if run.data.task_type != "dpo":
+        return LanguageModeling()
+    reference = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
+    if not run.optim.dpo_precompute_ref:
+        return DirectPreference(run.optim.dpo_beta, reference=reference)
+    batches = build_eval_loader(data.train, run, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                max_samples=len(data.train), tokenizer=tokenizer)
+    with accelerator.autocast():
+        table = reference_logps(reference, batches, len(data.train), accelerator.device)
+    del reference
+    return DirectPreference(run.optim.dpo_beta, reference_logps=accelerator.reduce(table, "sum"))
+
+
+def resume(run: RunConfig, out: Path, accelerator: Accelerator, loader, model) -> int:
+    """Continue from the run directory's latest complete checkpoint, if any and if asked to; return the step."""
+    ckpt = find_resume_checkpoint(out) if run.trainer.resume else None
+    if ckpt is None:
+        return 0
+    state = load_checkpoint(
+        accelerator, ckpt,
+        load_optim_state=run.optim.load_checkpoint_optim_state,
+        load_lr_scheduler=run.optim.load_checkpoint_lr_scheduler,
+        model_config=config_to_dict(run)["model"],
+    )
+    loader.load_state_dict(state["data"])
+    logger.info("Resumed from %s at step %d", ckpt, state["step"], main_process_only=True)
+    return int(state["step"])
+
+
+def flat_config(run: RunConfig) -> dict[str, object]:
+    """The resolved config as tracker hyperparameters: `group/field` -> scalar."""
+    flat = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}/{key}" if prefix else key, item)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", config_to_dict(run))
+    return flat
+
+
+class Loop:
+    """The step loop and its cadences (log, eval, save, exit), holding what every step needs."""
+
+    def __init__(self, run, out, accelerator, model, optimizer, scheduler, task, data, tokenizer=None):
+        self.cfg, self.out, self.accelerator, self.tokenizer = run, out, accelerator, tokenizer
+        self.model, self.optimizer, self.scheduler, self.task, self.data = model, optimizer, scheduler, task, data
+        self.main = accelerator.is_main_process
+        self.metrics = MetricsLog(out) if self.main else None
+        self.profiler = StepProfiler(run.utils, accelerator.process_index, out / "profile")
+        model_cfg = run.model
+        self.flops_per_token = flops_per_token(
+            non_embedding_param_count(accelerator.unwrap_model(model)), model_cfg.num_layers, run.data.seq_length,
+            model_cfg.num_attention_heads * model_cfg.head_dim,
+        )
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[model_cfg.precision]
+        self.peak = peak_flops(accelerator.device, dtype, run.trainer.peak_tflops) * accelerator.num_processes
+        self.nonfinite_in_a_row = 0
+
+    def run(self, step: int, batches: Iterator[Batch], loader) -> None:
+        """Steps from `step` to operation.train_steps (or an exit_interval), with every cadence."""
+        trainer, operation = self.cfg.trainer, self.cfg.operation
+        progress = tqdm(total=operation.train_steps, initial=step, disable=not self.main, desc="train", dynamic_ncols=True)
+        window_start, window_tokens = time.perf_counter(), 0
+        start_step = step
+        while step < operation.train_steps:
+            micro_batches = [next(batches) for _ in range(self.accelerator.gradient_accumulation_steps)]
+            with self.profiler.step(step + 1):
+                result = self.train_step(micro_batches, step + 1)
+            if result is None:
+                continue
+            step += 1
+            window_tokens += result.tokens
+            progress.update(1)
+            progress.set_postfix(loss=f"{result.loss:.4f}")
+            if step % trainer.log_interval == 0 or step == operation.train_steps:
+                elapsed = time.perf_counter() - window_start
+                self.log_step(step, result, window_tokens / elapsed)
+                window_start, window_tokens = time.perf_counter(), 0
+            if trainer.do_eval and step % operation.eval_interval == 0:
+                self.evaluate("eval", self.data.eval, operation.eval_samples, step)
+            exiting = operation.exit_interval is not None and step % operation.exit_interval == 0 and step > start_step
+            if not operation.no_save and (step % trainer.save_checkpoint_steps == 0 or exiting or step == operation.train_steps):
+                self.save(step, loader, result)
+            if exiting:
+                logger.info("operation.exit_interval: stopping after step %d", step, main_process_only=True)
+                break
+        progress.close()
+        self.profiler.close()
+
+    def train_step(self, micro_batches: list[Batch], step: int) -> StepResult | None:
+        """One optimizer step over GA micro-batches, the loss normalised by the whole step's count."""
+        acc, device = self.accelerator, self.accelerator.device
+        micro_batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
+        total = acc.reduce(sum(self.task.count(b) for b in micro_batches).float(), "sum")
+        scale = acc.gradient_accumulation_steps * acc.num_processes / total.clamp(min=1)
+        loss_sum = torch.zeros((), device=device)
+        stats: dict[str, torch.Tensor] = {}
+        self.model.train()
+        for batch in micro_batches:
+            with acc.accumulate(self.model), acc.autocast():
+                with self.profiler.phase("forward"):
+                    result = self.task(self.model, batch)
+                with self.profiler.phase("backward"):
+                    acc.backward(result.loss_sum * scale)
+            loss_sum += result.loss_sum.detach().float()
+            for key, value in result.stats.items():
+                stats[key] = stats.get(key, 0) + value.detach().float()
+        loss = (acc.reduce(loss_sum, "sum") / total.clamp(min=1)).item()
+        if not math.isfinite(loss):
+            return self.skip_step(step, loss)
+        self.nonfinite_in_a_row = 0
+        with self.profiler.phase("optimizer"):
+            grad_norm = self.clip()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        tokens = int(acc.reduce(sum(b[self.token_key].sum() for b in micro_batches).float(), "sum").item())
+        reduced = {k: acc.reduce(v, "sum").item() for k, v in stats.items()}
+        return StepResult(loss, tokens, grad_norm, self.task.summarize(loss * total.item(), reduced))
+
+    @property
+    def token_key(self) -> str:
+        return "chosen_attention_mask" if isinstance(self.task, DirectPreference) else "attention_mask"
+
+    def clip(self) -> float | None:
+        clip = self.cfg.optim.clip_grad
+        if clip > 0:
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
+            return None if norm is None else float(norm)
+        return None
+
+    def skip_step(self, step: int, loss: float) -> None:
+        """Drop a NaN/Inf step's gradients; stop after `trainer.max_nonfinite_steps` of them in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        logger.warning("step %d: loss is %s; the update is skipped (%d in a row)", step, loss, self.nonfinite_in_a_row,
+                       main_process_only=True)
+        limit = self.cfg.trainer.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            latest = find_resume_checkpoint(self.out, verify_checksums=False)
+            raise NonFiniteLossError(
+                f"loss was NaN/Inf for {limit} consecutive steps (trainer.max_nonfinite_steps) at step {step}; "
+                f"stopped, last good checkpoint: {latest or 'none saved yet'}"
+            )
+        return None
+
+    def log_step(self, step: int, result: StepResult, tokens_per_sec: float) -> None:
+        trainer = self.cfg.trainer
+        record = {"loss": result.loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_sec": tokens_per_sec,
+                  "mfu": mfu(tokens_per_sec, self.flops_per_token, self.peak)}
+        record.update({f"train/{k}": v for k, v in result.stats.items() if k != "loss"})
+        if trainer.grad_norm_log_interval == "log" and result.grad_norm is not None:
+            record["grad_norm"] = result.grad_norm
+        if trainer.param_norm_log_interval == "log":
+            record["param_norm"] = self.param_norm()
+        if self.cfg.utils.report_memory_usage:
+            record.update({f"memory/{k}": v for k, v in memory_report(self.accelerator.device).items()})
+        self.record(step, record)
+        logger.info("step %d | %s", step, " | ".join(f"{k} {v:.4g}" for k, v in record.items()), main_process_only=True)
+
+    def param_norm(self) -> float:
+        return global_norm(p.detach() for p in self.model.parameters())
+
+    def record(self, step: int, values: dict[str, float]) -> None:
+        self.accelerator.log(values, step=step)
+        if self.metrics is not None:
+            self.metrics.log(values, step=step)
+
+    @torch.no_grad()
+    def evaluate(self, split: str, dataset, max_samples: int, step: int) -> dict[str, float]:
+        """Loss/perplexity (+ token accuracy, or DPO reward accuracy) over `max_samples`, summed across ranks."""
+        if dataset is None or len(dataset) == 0 or max_samples == 0:
+            return {}
+        acc = self.accelerator
+        self.model.eval()
+        loss_sum = torch.zeros((), device=acc.device)
+        stats: dict[str, torch.Tensor] = {}
+        for batch in build_eval_loader(dataset, self.cfg, rank=acc.process_index, world_size=acc.num_processes,
+                                       max_samples=max_samples, tokenizer=self.tokenizer):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            with acc.autocast():
+                result = self.task(self.model, batch)
+            loss_sum += result.loss_sum.float()
+            for key, value in result.stats.items():
+                stats[key] = stats.get(key, 0) + value.float()
+        reduced = {k: acc.reduce(v, "sum").item() for k, v in stats.items()}
+        summary = self.task.summarize(acc.reduce(loss_sum, "sum").item(), reduced)
+        self.record(step, {f"{split}/{k}": v for k, v in summary.items()})
+        logger.info("%s at step %d | %s", split, step, " | ".join(f"{k} {v:.4g}" for k, v in summary.items()),
+                    main_process_only=True)
+        return summary
+
+    def test(self) -> None:
+        operation = self.cfg.operation
+        self.evaluate("test", self.data.test, operation.test_samples, operation.train_steps)
+
+    def save(self, step: int, loader, result: StepResult) -> None:
+        """Checkpoint (collective), then the norms whose cadence is `checkpoint`."""
+        trainer = self.cfg.trainer
+        state = {"data": loader.state_dict(), MODEL_CONFIG_KEY: config_to_dict(self.cfg)["model"]}
+        save_checkpoint(self.accelerator, self.out, step, state, keep_last=trainer.keep_last_checkpoints)
+        values = {}
+        if trainer.grad_norm_log_interval == "checkpoint" and result.grad_norm is not None:
+            values["grad_norm"] = result.grad_norm
+        if trainer.param_norm_log_interval == "checkpoint":
+            values["param_norm"] = self.param_norm()
+        if values:
+            self.record(step, values)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,717 @@
+"""RunConfig + launch environment -> everything Accelerate needs, with no silent fallbacks.
+
+Plain functions, no module state: each takes the frozen `RunConfig` and a `LaunchEnv` (what the launcher
+told this process) and returns a value. `build_accelerator` puts them together; `explain` shows them as JSON;
+`write_accelerate_config` writes the file `accelerate launch --config_file` takes.
+
+Accelerate quietly turns some requests into something else on a machine like ours (see
+shared/ENVIRONMENT.md sections 2-3): the FSDP plugin is ignored on CPU, DeepSpeed on CPU becomes
+plain DDP with `cpu=True` or a world of 1 without a gloo process group, multi-process CPU without
+`cpu=True` gives unsynchronised independent processes, fp16 on CPU trains in fp32, "auto" DeepSpeed
+values fall back to defaults (gradient clipping 1.0). This module either makes each request work
+as asked or raises a one-line `ConfigError` naming the field, and `build_accelerator` checks that
+the Accelerator it built really is the distributed type and world size the run asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import yaml
+from accelerate import Accelerator, DeepSpeedPlugin, FullyShardedDataParallelPlugin
+from accelerate.parallelism_config import ParallelismConfig
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils.other import get_free_port
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+from ironcore.config.schema import RunConfig
+from ironcore.errors import ConfigError
+from ironcore.estimate import Sharding, estimate
+
+logger = logging.getLogger(__name__)
+
+DECODER_LAYER_CLASS = "IronCoreDecoderLayer"
+DS_PRESETS = ("zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
+# Installed: ironcore/_ds_configs (setup.cfg package_dir); source checkout: <repo>/ds_configs.
+_SHIPPED_DS_DIRS = (Path(__file__).resolve().parent / "_ds_configs", Path(__file__).resolve().parent.parent / "ds_configs")
+_MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
+_FSDP_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_FSDP_STATE_DICT = {"full": "FULL_STATE_DICT", "sharded": "SHARDED_STATE_DICT"}
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher (torchrun, `accelerate launch`, deepspeed) told this process, plus its devices.
+
+    `launched` is True when LOCAL_RANK is set: only then does Accelerate create a process group.
+    """
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    local_world_size: int = 1
+    launched: bool = False
+    cuda_available: bool = False
+    num_gpus: int = 0
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None, *, world_size: int | None = None) -> LaunchEnv:
+        """Read WORLD_SIZE / RANK / LOCAL_RANK / LOCAL_WORLD_SIZE (torchrun's names) and probe CUDA.
+
+        `world_size` plans a single-node launch of that many processes from here (`ironcore config --world-size`).
+        """
+        environ = os.environ if environ is None else environ
+        size = int(environ.get("WORLD_SIZE", 1))
+        cuda = torch.cuda.is_available()
+        env = cls(
+            world_size=size,
+            rank=int(environ.get("RANK", 0)),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            local_world_size=int(environ.get("LOCAL_WORLD_SIZE", size)),
+            launched="LOCAL_RANK" in environ,
+            cuda_available=cuda,
+            num_gpus=torch.cuda.device_count() if cuda else 0,
+        )
+        if world_size is not None:
+            env = replace(env, world_size=world_size, local_world_size=world_size, launched=env.launched or world_size > 1)
+        return env
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+
+def run_dir(run: RunConfig) -> Path:
+    """The run directory: `trainer.model_path`, or `runs/<model_name>` when it is empty."""
+    return Path(run.trainer.model_path) if run.trainer.model_path else Path("runs") / run.trainer.model_name
+
+
+# ---------------------------------------------------------------- batch arithmetic and support checks
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """micro_batch_size x gradient_accumulation_steps x data_parallel_size = global_batch_size."""
+
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    data_parallel_size: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    world_size: int
+    global_batch_size: int
+    tokens_per_step: int
+
+
+def batch_plan(run: RunConfig, env: LaunchEnv) -> BatchPlan:
+    """Derive the missing one of train_batch_size / gradient_accumulation_steps, or check that both agree."""
+    t = run.trainer
+    tp, pp = t.tensor_model_parallel_size, t.pipeline_model_parallel_size
+    if env.world_size % (tp * pp):
+        raise ConfigError(
+            f"trainer.tensor_model_parallel_size x pipeline_model_parallel_size = {tp} x {pp} "
+            f"does not divide the world size {env.world_size}"
+        )
+    dp = env.world_size // (tp * pp)
+    per_step = t.micro_batch_size * dp
+    ga, total = t.gradient_accumulation_steps, t.train_batch_size
+    if ga is None and total is None:
+        ga = 1
+    elif ga is None:
+        if total % per_step:
+            raise ConfigError(
+                f"trainer.train_batch_size={total} is not a multiple of micro_batch_size x data-parallel size "
+                f"= {t.micro_batch_size} x {dp} = {per_step}"
+            )
+        ga = total // per_step
+    elif total is not None and total != per_step * ga:
+        raise ConfigError(
+            f"trainer.train_batch_size={total} != micro_batch_size x gradient_accumulation_steps x data-parallel "
+            f"size = {t.micro_batch_size} x {ga} x {dp} = {per_step * ga}"
+        )
+    seq_len = run.data.seq_length or run.model.max_seq_len
+    return BatchPlan(
+        micro_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=ga,
+        data_parallel_size=dp,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        world_size=env.world_size,
+        global_batch_size=per_step * ga,
+        tokens_per_step=per_step * ga * seq_len,
+    )
+
+
+def check_fsdp_device(run: RunConfig, env: LaunchEnv) -> None:
+    """FSDP through Accelerate needs CUDA: on CPU Accelerate drops the plugin silently and runs DDP or nothing."""
+    if run.parallel.use_fsdp and not env.cuda_available:
+        raise ConfigError(
+            "parallel.use_fsdp: FSDP needs CUDA GPUs here (no CUDA device found; Accelerate would silently ignore "
+            "the FSDP plugin on CPU) - set use_fsdp: false (DDP) or use parallel.deepspeed_config (runs on CPU)"
+        )
+
+
+def check_supported(run: RunConfig, env: LaunchEnv) -> None:
+    """Raise a one-line ConfigError for every setting this build cannot run as asked."""
+    t, p = run.trainer, run.parallel
+    if t.pipeline_model_parallel_size > 1:
+        raise ConfigError(
+            f"trainer.pipeline_model_parallel_size={t.pipeline_model_parallel_size}: pipeline parallelism is not "
+            "supported (Accelerate has no pipeline engine for custom models) - use 1 and shard the model with "
+            "parallel.use_fsdp or parallel.deepspeed_config: zero3"
+        )
+    if t.tensor_model_parallel_size > 1:
+        where = "" if env.cuda_available else "; it also needs a CUDA device mesh and this machine has no CUDA"
+        raise ConfigError(
+            f"trainer.tensor_model_parallel_size={t.tensor_model_parallel_size}: tensor parallelism is not supported "
+            "(Accelerate's ParallelismConfig(tp_size) only prepares a model already sharded by transformers' "
+            f"from_pretrained(tp_plan=...) and IronCore's model defines no tp_plan{where}) - use 1 with "
+            "parallel.use_fsdp or parallel.deepspeed_config: zero3"
+        )
+    if p.use_fsdp and p.deepspeed_config:
+        raise ConfigError(
+            f"parallel.use_fsdp and parallel.deepspeed_config={p.deepspeed_config!r} are both set - pick one engine"
+        )
+    check_fsdp_device(run, env)
+    if run.model.precision == "float16" and not env.cuda_available and not p.deepspeed_config:
+        raise ConfigError(
+            "model.precision=float16 needs CUDA (on CPU Accelerate does no fp16 autocast and the run would "
+            "silently train in fp32) - use bfloat16 or float32"
+        )
+    if p.use_fsdp and p.fsdp_sharding_strategy == "no_shard":
+        raise ConfigError(
+            "parallel.fsdp_sharding_strategy=no_shard: FSDP2 has no NO_SHARD mode (it is plain data parallelism) "
+            "- set parallel.use_fsdp: false for DDP, or use full / hybrid"
+        )
+    if p.use_fsdp and p.fsdp_state_dict_type == "local":
+        raise ConfigError(
+            "parallel.fsdp_state_dict_type=local: FSDP2 has no LOCAL_STATE_DICT - use full or sharded"
+        )
+    if p.use_fsdp and p.fsdp_sharding_strategy == "hybrid" and env.world_size % env.local_world_size:
+        raise ConfigError(
+            f"parallel.fsdp_sharding_strategy=hybrid needs equal processes per node: world size {env.world_size} "
+            f"is not a multiple of the local world size {env.local_world_size}"
+        )
+
+
+# ---------------------------------------------------------------- process group, precision, distributed type
+
+
+def mixed_precision(run: RunConfig) -> str:
+    """Accelerate's mixed_precision for model.precision: bfloat16 -> bf16, float16 -> fp16, float32 -> no."""
+    return _MIXED_PRECISION[run.model.precision]
+
+
+def uses_process_group(run: RunConfig, env: LaunchEnv) -> bool:
+    """DeepSpeed and FSDP always need one (a world of 1 if unlaunched); plain runs only when launched."""
+    return env.launched or bool(run.parallel.deepspeed_config) or run.parallel.use_fsdp
+
+
+def resolve_backend(run: RunConfig, env: LaunchEnv) -> str:
+    """parallel.dist_backend, except that nccl without CUDA becomes gloo (the only CPU backend here)."""
+    return run.parallel.dist_backend if env.cuda_available else "gloo"
+
+
+def expected_distributed_type(run: RunConfig, env: LaunchEnv) -> str:
+    """The `accelerator.distributed_type` this run must end up with (checked by build_accelerator)."""
+    if run.parallel.deepspeed_config:
+        return "DEEPSPEED"
+    if run.parallel.use_fsdp:
+        return "FSDP"
+    if not env.launched:
+        return "NO"
+    return "MULTI_GPU" if env.cuda_available else "MULTI_CPU"
+
+
+def notes(run: RunConfig, env: LaunchEnv) -> list[str]:
+    """Conversions the translator made on purpose; build_accelerator logs each once, explain lists them."""
+    out = []
+    if uses_process_group(run, env) and resolve_backend(run, env) != run.parallel.dist_backend:
+        out.append(f"parallel.dist_backend={run.parallel.dist_backend} needs CUDA; using gloo on this CPU machine")
+    p = run.parallel
+    if p.use_fsdp and p.fsdp_sharding_strategy == "hybrid" and env.num_nodes == 1:
+        out.append(
+            f"parallel.fsdp_sharding_strategy=hybrid on one node: parameters are sharded across its "
+            f"{env.world_size} processes with one replica (the same layout as full)"
+        )
+    if (p.deepspeed_config or p.use_fsdp) and not env.launched:
+        out.append("not started by a launcher: DeepSpeed/FSDP run as a single-process world of 1")
+    return out
+
+
+def single_process_environ() -> dict[str, str]:
+    """torchrun's variables for a world of 1, so DeepSpeed/FSDP get a real process group without a launcher."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(get_free_port()),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+    }
+
+
+# ---------------------------------------------------------------- DeepSpeed
+
+
+def load_deepspeed_preset(spec: str) -> dict:
+    """A preset by name (`zero2`: ./ds_configs first, then the shipped ones), or a JSON file by path.
+
+    Keys starting with `_` are comments and are dropped.
+    """
+    path = Path(spec)
+    if path.suffix != ".json" and len(path.parts) == 1:
+        candidates = [d / f"{spec}.json" for d in (Path.cwd() / "ds_configs", *_SHIPPED_DS_DIRS)]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise ConfigError(f"parallel.deepspeed_config={spec!r}: no such preset; available: {', '.join(DS_PRESETS)}")
+    if not path.is_file():
+        raise ConfigError(f"parallel.deepspeed_config={spec!r}: file not found")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"parallel.deepspeed_config={spec!r}: invalid JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("zero_optimization"), dict):
+        raise ConfigError(f"parallel.deepspeed_config={spec!r}: expected a JSON object with a zero_optimization section")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _set(config: dict, dotted: str, value, spec: str) -> None:
+    """Fill `dotted` with our value; a different explicit value in the file is a contradiction, not overridden."""
+    *parents, key = dotted.split(".")
+    node = config
+    for name in parents:
+        node = node.setdefault(name, {})
+    current = node.get(key, "auto")
+    if current != "auto" and current != value:
+        raise ConfigError(
+            f"parallel.deepspeed_config={spec!r}: {dotted}={current!r} contradicts the run config's {value!r} "
+            "- set it to \"auto\" or remove it"
+        )
+    node[key] = value
+
+
+def _find_auto(config: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            found += _find_auto(value, f"{prefix}{key}.")
+        elif value == "auto":
+            found.append(prefix + key)
+    return found
+
+
+def deepspeed_config(run: RunConfig, env: LaunchEnv) -> dict | None:
+    """The DeepSpeed JSON for this run (None without parallel.deepspeed_config), with no "auto" left in it.
+
+    Batch sizes, gradient clipping and precision come from the run config, never from Accelerate's
+    defaults; bucket sizes use Accelerate's own d_model formulas; ZeRO-3 always gathers 16-bit weights
+    on save because the HF export needs them.
+    """
+    spec = run.parallel.deepspeed_config
+    if not spec:
+        return None
+    check_supported(run, env)
+    config = load_deepspeed_preset(spec)
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise ConfigError(
+                f"parallel.deepspeed_config={spec!r} defines {section!r}: IronCore builds it from the optim group - remove it"
+            )
+    plan = batch_plan(run, env)
+    d = run.model.d_model
+    zero = config["zero_optimization"]
+    stage = zero.get("stage", 0)
+    values = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "train_batch_size": plan.global_batch_size,
+        "gradient_clipping": float(run.optim.clip_grad),
+        "bf16.enabled": run.model.precision == "bfloat16",
+        "fp16.enabled": run.model.precision == "float16",
+        "zero_optimization.reduce_bucket_size": d * d,
+    }
+    if stage == 3:
+        values["zero_optimization.stage3_prefetch_bucket_size"] = int(0.9 * d * d)
+        values["zero_optimization.stage3_param_persistence_threshold"] = 10 * d
+    for dotted, value in values.items():
+        _set(config, dotted, value, spec)
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    left = _find_auto(config)
+    if left:
+        raise ConfigError(f"parallel.deepspeed_config={spec!r}: IronCore does not fill \"auto\" for {', '.join(left)}")
+    return config
+
+
+def deepspeed_plugin(run: RunConfig, env: LaunchEnv) -> DeepSpeedPlugin | None:
+    """A DeepSpeedPlugin over the filled config dict; ZeRO-3 builds the model partitioned (zero3_init_flag)."""
+    config = deepspeed_config(run, env)
+    if config is None:
+        return None
+    stage3 = config["zero_optimization"].get("stage") == 3
+    return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=stage3)
+
+
+# ---------------------------------------------------------------- FSDP2
+
+
+def fsdp_settings(run: RunConfig, env: LaunchEnv) -> dict | None:
+    """The FSDP2 settings as plain values (None without parallel.use_fsdp): one source for plugin, file and explain.
+
+    `mixed` computes in model.precision and reduces gradients in fp32 (the usual FSDP2 recipe, robust for
+    bf16); bf16 / fp16 / fp32 use that dtype for both. Hybrid on several nodes shards within a node and
+    replicates across nodes (HSDP, a 2-D device mesh through ParallelismConfig).
+    """
+    p = run.parallel
+    if not p.use_fsdp:
+        return None
+    check_supported(run, env)
+    if p.fsdp_mixed_precision == "mixed":
+        param_dtype, reduce_dtype = run.model.precision, "float32"
+    else:
+        param_dtype = reduce_dtype = _FSDP_DTYPES[p.fsdp_mixed_precision]
+    hybrid = p.fsdp_sharding_strategy == "hybrid" and env.num_nodes > 1
+    return {
+        "fsdp_version": 2,
+        "reshard_after_forward": True,
+        "cpu_offload": p.fsdp_offload_params,
+        "param_dtype": param_dtype,
+        "reduce_dtype": reduce_dtype,
+        "auto_wrap_policy": "transformer_based_wrap",
+        "transformer_cls_names_to_wrap": [DECODER_LAYER_CLASS],
+        "state_dict_type": _FSDP_STATE_DICT[p.fsdp_state_dict_type],
+        "activation_checkpointing": False,
+        "cpu_ram_efficient_loading": False,
+        "hsdp": {"dp_replicate_size": env.num_nodes, "dp_shard_size": env.local_world_size} if hybrid else None,
+    }
+
+
+def fsdp_plugin(run: RunConfig, env: LaunchEnv) -> FullyShardedDataParallelPlugin | None:
+    """FullyShardedDataParallelPlugin(fsdp_version=2) wrapping each IronCoreDecoderLayer.
+
+    Every field is passed explicitly so no FSDP_* environment variable can change it. Activation
+    checkpointing stays off here: operation.activation_recompute is applied by the model itself.
+    """
+    s = fsdp_settings(run, env)
+    if s is None:
+        return None
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        reshard_after_forward=s["reshard_after_forward"],
+        cpu_offload=s["cpu_offload"],
+        mixed_precision_policy=MixedPrecisionPolicy(
+            param_dtype=getattr(torch, s["param_dtype"]), reduce_dtype=getattr(torch, s["reduce_dtype"])
+        ),
+        auto_wrap_policy=s["auto_wrap_policy"],
+        transformer_cls_names_to_wrap=s["transformer_cls_names_to_wrap"],
+        state_dict_type=s["state_dict_type"],
+        activation_checkpointing=s["activation_checkpointing"],
+        cpu_ram_efficient_loading=s["cpu_ram_efficient_loading"],
+    )
+
+
+def parallelism_config(run: RunConfig, env: LaunchEnv) -> ParallelismConfig | None:
+    """HSDP's 2-D mesh (replicate across nodes x shard within a node) for hybrid FSDP on several nodes."""
+    s = fsdp_settings(run, env)
+    if s is None or s["hsdp"] is None:
+        return None
+    return ParallelismConfig(**s["hsdp"])
+
+
+# ---------------------------------------------------------------- trackers and directories
+
+
+def trackers(run: RunConfig) -> list[str]:
+    """Accelerate `log_with`: tensorboard / mlflow / wandb when their field is set, plus utils.trackers."""
+    u = run.utils
+    wanted = [
+        *(["tensorboard"] if u.tensorboard_dir else []),
+        *(["mlflow"] if u.mlflow_tracking_uri else []),
+        *(["wandb"] if u.wandb_project else []),
+        *u.trackers,
+    ]
+    return list(dict.fromkeys(wanted))
+
+
+def logging_dir(run: RunConfig) -> Path:
+    """Where TensorBoard writes: utils.tensorboard_dir, else `<run dir>/logs`."""
+    return Path(run.utils.tensorboard_dir) if run.utils.tensorboard_dir else run_dir(run) / "logs"
+
+
+def _mlflow_experiment(run: RunConfig) -> str:
+    return run.utils.mlflow_experiment_name or run.trainer.model_name
+
+
+def _is_local_uri(uri: str) -> bool:
+    return urlparse(uri).scheme in ("", "file", "sqlite")
+
+
+def tracker_environ(run: RunConfig) -> dict[str, str]:
+    """Environment variables the trackers read and Accelerate cannot pass: set by build_accelerator.
+
+    Accelerate's MLflow tracker takes the tracking URI only from MLFLOW_TRACKING_URI, and its experiment
+    name is init_trackers' project_name unless MLFLOW_EXPERIMENT_NAME is set, so both are set from the
+    config (a stale variable in the shell cannot win). A file store URI also needs MLFLOW_ALLOW_FILE_STORE
+    (mlflow 3 disables the file store by default).
+    """
+    if "mlflow" not in trackers(run):
+        return {}
+    out = {"MLFLOW_EXPERIMENT_NAME": _mlflow_experiment(run)}
+    uri = run.utils.mlflow_tracking_uri
+    if uri:
+        out["MLFLOW_TRACKING_URI"] = uri
+        if urlparse(uri).scheme in ("", "file"):
+            out["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    return out
+
+
+def tracker_project_name(run: RunConfig) -> str:
+    """`init_trackers`' project_name: the W&B project (Accelerate passes it as wandb's `project`) and the
+    TensorBoard sub-directory; utils.wandb_project, else trainer.model_name. (MLflow's experiment comes
+    from MLFLOW_EXPERIMENT_NAME, see tracker_environ.)"""
+    return run.utils.wandb_project or run.trainer.model_name
+
+
+def tracker_init_kwargs(run: RunConfig) -> dict[str, dict]:
+    """`init_trackers`' init_kwargs: the run named model_name; a local MLflow store's artifacts and W&B's
+    files in the run directory. Call `accelerator.init_trackers(tracker_project_name(run), config=...,
+    init_kwargs=tracker_init_kwargs(run))`."""
+    init_kwargs: dict[str, dict] = {}
+    names = trackers(run)
+    if "mlflow" in names:
+        mlflow_kwargs = {"run_name": run.trainer.model_name}
+        if _is_local_uri(run.utils.mlflow_tracking_uri or ""):
+            mlflow_kwargs["logging_dir"] = str((run_dir(run) / "mlflow").resolve())
+        init_kwargs["mlflow"] = mlflow_kwargs
+    if "wandb" in names:
+        init_kwargs["wandb"] = {"name": run.trainer.model_name, "dir": str(run_dir(run))}
+    return init_kwargs
+
+
+# ---------------------------------------------------------------- Accelerator
+
+
+def accelerator_settings(run: RunConfig, env: LaunchEnv) -> dict:
+    """The Accelerator arguments as JSON-able values (what `accelerator_kwargs` turns into objects)."""
+    check_supported(run, env)
+    plan = batch_plan(run, env)
+    engine = bool(run.parallel.deepspeed_config) or run.parallel.use_fsdp
+    group = uses_process_group(run, env)
+    return {
+        "mixed_precision": mixed_precision(run),
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        # IronCore's LR schedule counts optimizer steps and the loop steps it once per optimizer step;
+        # Accelerate's default would step a prepared scheduler num_processes times per call.
+        "step_scheduler_with_optimizer": False,
+        # DDP on CPU needs cpu=True; DeepSpeed must never get it (Accelerate would silently drop DeepSpeed).
+        "cpu": not env.cuda_available and not engine,
+        "log_with": trackers(run),
+        "project_dir": str(run_dir(run)),
+        "logging_dir": str(logging_dir(run)),
+        "init_process_group": (
+            {"backend": resolve_backend(run, env), "timeout_seconds": run.parallel.timeout_minute * 60}
+            if group
+            else None
+        ),
+        "deepspeed": bool(run.parallel.deepspeed_config),
+        "fsdp": run.parallel.use_fsdp,
+        "distributed_type": expected_distributed_type(run, env),
+        "num_processes": env.world_size,
+    }
+
+
+def accelerator_kwargs(run: RunConfig, env: LaunchEnv) -> dict:
+    """Keyword arguments for `Accelerator(**kwargs)` (objects; see accelerator_settings for the values)."""
+    s = accelerator_settings(run, env)
+    handlers = []
+    if s["init_process_group"]:
+        pg = s["init_process_group"]
+        handlers.append(InitProcessGroupKwargs(backend=pg["backend"], timeout=timedelta(seconds=pg["timeout_seconds"])))
+    return {
+        "mixed_precision": s["mixed_precision"],
+        "gradient_accumulation_steps": s["gradient_accumulation_steps"],
+        "step_scheduler_with_optimizer": s["step_scheduler_with_optimizer"],
+        "cpu": s["cpu"],
+        "log_with": s["log_with"] or None,
+        "project_config": ProjectConfiguration(project_dir=s["project_dir"], logging_dir=s["logging_dir"]),
+        "kwargs_handlers": handlers,
+        "deepspeed_plugin": deepspeed_plugin(run, env),
+        "fsdp_plugin": fsdp_plugin(run, env),
+        "parallelism_config": parallelism_config(run, env),
+    }
+
+
+def build_accelerator(run: RunConfig, env: LaunchEnv | None = None) -> Accelerator:
+    """The run's Accelerator, verified to be the distributed type and world size the config asks for.
+
+    Side effects, on purpose and logged: the tracker variables of `tracker_environ`, and for DeepSpeed/FSDP
+    without a launcher the torchrun variables of a single-process world.
+    """
+    env = env or LaunchEnv.from_environ()
+    check_supported(run, env)
+    if env.rank == 0:
+        for note in notes(run, env):
+            logger.warning(note)
+    os.environ.update(tracker_environ(run))
+    if uses_process_group(run, env) and not env.launched:
+        os.environ.update(single_process_environ())
+        env = replace(env, launched=True)
+    accelerator = Accelerator(**accelerator_kwargs(run, env))
+    want = expected_distributed_type(run, env)
+    got = accelerator.distributed_type.value
+    if got != want or accelerator.num_processes != env.world_size:
+        raise ConfigError(
+            f"launch mismatch: the config needs {want} with {env.world_size} process(es) but Accelerate set up {got} "
+            f"with {accelerator.num_processes} (check the launcher and ACCELERATE_* variables; see write_accelerate_config)"
+        )
+    return accelerator
+
+
+# ---------------------------------------------------------------- accelerate launch config file
+
+
+def launch_distributed_type(run: RunConfig, env: LaunchEnv) -> str:
+    """distributed_type for the config file. Several CPU processes need MULTI_GPU: only that launcher (torchrun)
+    starts them; MULTI_CPU in a file starts one process unless mpirun is configured. Each process then
+    becomes MULTI_CPU DDP through build_accelerator's cpu=True."""
+    if run.parallel.deepspeed_config:
+        return "DEEPSPEED"
+    if run.parallel.use_fsdp:
+        return "FSDP"
+    return "MULTI_GPU" if env.world_size > 1 else "NO"
+
+
+def accelerate_config_file(run: RunConfig, env: LaunchEnv, deepspeed_config_file: str | None = None) -> dict:
+    """The `accelerate launch --config_file` content for `env.world_size` processes.
+
+    With DeepSpeed the file points at `deepspeed_config_file` (the JSON of `deepspeed_config`) and carries
+    no mixed_precision key: Accelerate rejects one next to a DeepSpeed JSON (precision lives in the JSON).
+    For several nodes, add each node's machine_rank and main_process_ip before launching.
+    """
+    check_supported(run, env)
+    kind = launch_distributed_type(run, env)
+    config = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": kind,
+        "num_processes": env.world_size,
+        "num_machines": env.num_nodes,
+        "machine_rank": env.rank // max(1, env.local_world_size),
+        # 0: a free port (single node); several nodes must agree on one.
+        "main_process_port": 0 if env.num_nodes == 1 else 29500,
+        "rdzv_backend": "static",
+        "same_network": True,
+        "gpu_ids": "all",
+        "use_cpu": not env.cuda_available and kind != "DEEPSPEED",
+        "debug": False,
+        "downcast_bf16": "no",
+        "enable_cpu_affinity": False,
+        "tpu_use_cluster": False,
+        "tpu_use_sudo": False,
+    }
+    if kind == "DEEPSPEED":
+        if deepspeed_config_file is None:
+            raise ValueError("a DeepSpeed launch config needs deepspeed_config_file (see write_accelerate_config)")
+        stage3 = deepspeed_config(run, env)["zero_optimization"].get("stage") == 3
+        config["deepspeed_config"] = {
+            "deepspeed_config_file": deepspeed_config_file,
+            "zero3_init_flag": stage3,
+            "deepspeed_multinode_launcher": "standard",
+        }
+    else:
+        config["mixed_precision"] = mixed_precision(run)
+    if kind == "FSDP":
+        s = fsdp_settings(run, env)
+        config["fsdp_config"] = {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_transformer_layer_cls_to_wrap": DECODER_LAYER_CLASS,
+            "fsdp_reshard_after_forward": s["reshard_after_forward"],
+            "fsdp_offload_params": s["cpu_offload"],
+            "fsdp_state_dict_type": s["state_dict_type"],
+            "fsdp_cpu_ram_efficient_loading": s["cpu_ram_efficient_loading"],
+            "fsdp_activation_checkpointing": s["activation_checkpointing"],
+        }
+        if s["hsdp"]:
+            config["parallelism_config"] = {
+                "parallelism_config_dp_replicate_size": s["hsdp"]["dp_replicate_size"],
+                "parallelism_config_dp_shard_size": s["hsdp"]["dp_shard_size"],
+            }
+    return config
+
+
+def write_accelerate_config(run: RunConfig, path: str | os.PathLike, world_size: int) -> Path:
+    """Write the accelerate config YAML (and `<stem>.deepspeed.json` next to it for DeepSpeed) for a
+    single-node launch of `world_size` processes on this machine; returns the YAML path."""
+    env = LaunchEnv.from_environ({}, world_size=world_size)
+    if env.cuda_available and world_size > env.num_gpus:
+        raise ConfigError(f"accelerate config: {world_size} processes but this machine has {env.num_gpus} GPUs")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds_path = None
+    ds = deepspeed_config(run, env) if run.parallel.deepspeed_config else None
+    if ds is not None:
+        ds_path = path.with_name(f"{path.stem}.deepspeed.json")
+        ds_path.write_text(json.dumps(ds, indent=2) + "\n")
+    config = accelerate_config_file(run, env, str(ds_path.resolve()) if ds_path else None)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------- explain
+
+
+def _sharding(run: RunConfig, env: LaunchEnv, plan: BatchPlan) -> Sharding:
+    ds = deepspeed_config(run, env)
+    if ds is not None:
+        zero = ds["zero_optimization"]
+        return Sharding(
+            engine="deepspeed",
+            shard_size=plan.data_parallel_size,
+            zero_stage=zero.get("stage", 0),
+            offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") != "none",
+            offload_params=zero.get("offload_param", {}).get("device", "none") != "none",
+        )
+    s = fsdp_settings(run, env)
+    if s is not None:
+        shard = s["hsdp"]["dp_shard_size"] if s["hsdp"] else plan.data_parallel_size
+        return Sharding(engine="fsdp", shard_size=shard, offload_params=s["cpu_offload"])
+    return Sharding()
+
+
+def explain(run: RunConfig, env: LaunchEnv) -> dict:
+    """Everything a launch of `run` in `env` would use, as a JSON-able dict: batch arithmetic, Accelerator
+    arguments, DeepSpeed JSON, FSDP settings, conversions made, and the size/FLOPs/memory estimate."""
+    settings = accelerator_settings(run, env)
+    plan = batch_plan(run, env)
+    return {
+        "launch": asdict(env),
+        "batch": {
+            **asdict(plan),
+            "formula": (
+                f"{plan.micro_batch_size} micro x {plan.gradient_accumulation_steps} accumulation x "
+                f"{plan.data_parallel_size} data-parallel = {plan.global_batch_size} sequences per optimizer step "
+                f"(data-parallel = world {plan.world_size} / (tp {plan.tensor_parallel_size} x pp "
+                f"{plan.pipeline_parallel_size}))"
+            ),
+        },
+        "accelerator": settings,
+        "launch_config_distributed_type": launch_distributed_type(run, env),
+        "trackers": {
+            "environ": tracker_environ(run),
+            "project_name": tracker_project_name(run),
+            "init_kwargs": tracker_init_kwargs(run),
+        },
+        "deepspeed": deepspeed_config(run, env),
+        "fsdp": fsdp_settings(run, env),
+        "notes": notes(run, env),
+        "estimate": estimate(run, _sharding(run, env, plan)),
+    }

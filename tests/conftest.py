@@ -1,0 +1,21 @@
+"""Test-wide settings: never touch the Hub, keep every tool's files inside the test's temp dirs."""
+
+import os
+from pathlib import Path
+
+_CACHE = Path(__file__).resolve().parent.parent / ".cache"
+
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    WANDB_MODE="offline",
+    MLFLOW_DISABLE_TELEMETRY="true",
+    DS_ACCELERATOR="cpu",
+    TOKENIZERS_PARALLELISM="false",
+)
+os.environ.setdefault("HF_HOME", str(_CACHE / "hf"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_CACHE / "torch_extensions"))
+os.environ.setdefault("WANDB_DIR", str(_CACHE / "wandb"))
+
+REPO_ROOT = Path(__file__).resolve().parent.parent

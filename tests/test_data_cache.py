@@ -1,0 +1,160 @@
+"""Preprocessing cache: reused without tokenizing, rebuilt on any change, never half-written, safe to share."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+from helpers_data import chat_rows, default_tok_dir, make_run, own_tok_dir, spec, text_rows, write_jsonl  # noqa: F401
+
+from ironcore.data import load_tokenizer, prepare_data
+from ironcore.data import prepare as prepare_module
+from ironcore.data.cache import MARKER
+
+HELPER = Path(__file__).resolve().parent / "helpers_data.py"
+
+
+@pytest.fixture()
+def calls(monkeypatch) -> dict:
+    """Counts of Dataset.map invocations and raw-source loads."""
+    counts = {"map": 0, "load": 0}
+    real_map, real_load = datasets.Dataset.map, prepare_module.load_source
+
+    def counting_map(self, *args, **kwargs):
+        counts["map"] += 1
+        return real_map(self, *args, **kwargs)
+
+    def counting_load(*args, **kwargs):
+        counts["load"] += 1
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", counting_map)
+    monkeypatch.setattr(prepare_module, "load_source", counting_load)
+    return counts
+
+
+def entries(tmp_path: Path) -> list[Path]:
+    return sorted(p for p in (tmp_path / "cache" / "preprocessed").iterdir() if not p.name.endswith(".lock"))
+
+
+def build(run):
+    return prepare_data(run, load_tokenizer(run))
+
+
+def test_second_build_tokenizes_nothing_and_changes_rebuild(tmp_path, default_tok_dir, own_tok_dir, calls):
+    data = write_jsonl(tmp_path / "c.jsonl", chat_rows(20))
+    run = make_run(tmp_path, "sft", [spec(data)], default_tok_dir, splits=(0.8, 0.2, 0.0))
+    first = build(run)
+    assert calls["map"] >= 1 and calls["load"] == 1
+    calls.update(map=0, load=0)
+    again = build(run)
+    assert calls == {"map": 0, "load": 0}
+    assert again.train["input_ids"] == first.train["input_ids"] and again.eval["labels"] == first.eval["labels"]
+    assert build(dataclasses.replace(run, data=dataclasses.replace(run.data, train_datasets=(spec(data, ratio=5),))))
+    assert calls == {"map": 0, "load": 0} and len(entries(tmp_path)) == 1
+    changes = [
+        dataclasses.replace(run, data=dataclasses.replace(run.data, seq_length=48)),
+        make_run(tmp_path, "sft", [spec(data)], own_tok_dir, splits=(0.8, 0.2, 0.0)),
+        dataclasses.replace(run, data=dataclasses.replace(run.data, chat_template="{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}")),
+    ]
+    for n, changed in enumerate(changes, start=2):
+        calls.update(map=0, load=0)
+        build(changed)
+        assert calls["map"] >= 1 and calls["load"] == 1 and len(entries(tmp_path)) == n
+    time.sleep(0.01)
+    write_jsonl(data, chat_rows(21))
+    assert len(build(run).train) + len(build(run).eval) == 21
+
+
+def test_incomplete_entries_are_rebuilt_not_reused(tmp_path, default_tok_dir, calls):
+    run = make_run(tmp_path, "pretrain", [spec(write_jsonl(tmp_path / "t.jsonl", text_rows(30)))], default_tok_dir)
+    rows = build(run).train["input_ids"]
+    (entry,) = entries(tmp_path)
+    (entry / MARKER).unlink()
+    stale = entry.parent / f".tmp-{entry.name}-999-dead"
+    stale.mkdir()
+    (stale / "junk").write_text("half")
+    calls.update(map=0, load=0)
+    assert build(run).train["input_ids"] == rows
+    assert calls["load"] == 1 and (entry / MARKER).is_file() and not stale.exists()
+
+
+def test_a_failed_build_leaves_nothing_that_looks_complete(tmp_path, default_tok_dir, monkeypatch):
+    run = make_run(tmp_path, "pretrain", [spec(write_jsonl(tmp_path / "t.jsonl", text_rows(30)))], default_tok_dir,
+                   splits=(0.8, 0.2, 0.0))
+    real_save = datasets.Dataset.save_to_disk
+
+    def crash_on_eval(self, path, *args, **kwargs):
+        if path.endswith("eval"):
+            raise KeyboardInterrupt
+        return real_save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", crash_on_eval)
+    with pytest.raises(KeyboardInterrupt):
+        build(run)
+    assert entries(tmp_path) == []
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", real_save)
+    assert len(build(run).eval) > 0 and (entries(tmp_path)[0] / MARKER).is_file()
+
+
+def test_a_killed_preprocess_is_rebuilt(tmp_path, default_tok_dir):
+    data = write_jsonl(tmp_path / "t.jsonl", text_rows(30))
+    signal_file = tmp_path / "started"
+    env = {**os.environ, "PYTHONPATH": str(HELPER.parent.parent)}
+    child = subprocess.Popen([sys.executable, str(HELPER), str(tmp_path), str(default_tok_dir), str(data), str(signal_file)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not signal_file.exists() and child.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert signal_file.exists(), "the child never started tokenizing"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    leftovers = entries(tmp_path)
+    assert leftovers and all(p.name.startswith(".tmp-") for p in leftovers)
+    run = make_run(tmp_path, "pretrain", [spec(data)], default_tok_dir)
+    assert len(build(run).train) > 0
+    (entry,) = entries(tmp_path)
+    assert (entry / MARKER).is_file()
+
+
+def test_concurrent_callers_build_once(tmp_path, default_tok_dir, calls):
+    run = make_run(tmp_path, "pretrain", [spec(write_jsonl(tmp_path / "t.jsonl", text_rows(30)))], default_tok_dir)
+    tokenizer = load_tokenizer(run)
+    results, errors = [], []
+
+    def rank():
+        try:
+            results.append(prepare_data(run, tokenizer).train["input_ids"])
+        except Exception as err:  # surfaced by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=rank) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and calls["load"] == 1
+    assert results[0] == results[1] == results[2]
+
+
+def test_worker_processes(tmp_path, default_tok_dir, calls):
+    """SFT rows do not depend on the worker count; pretrain blocks do, so the count is part of their key."""
+    data = write_jsonl(tmp_path / "c.jsonl", chat_rows(40))
+    one = build(make_run(tmp_path / "one", "sft", [spec(data)], default_tok_dir, pack_sequences=True))
+    two = build(make_run(tmp_path / "two", "sft", [spec(data)], default_tok_dir, pack_sequences=True, num_workers=2))
+    assert one.train["input_ids"] == two.train["input_ids"] and one.train["labels"] == two.train["labels"]
+    text = write_jsonl(tmp_path / "t.jsonl", text_rows(40))
+    build(make_run(tmp_path, "pretrain", [spec(text)], default_tok_dir))
+    calls.update(load=0)
+    blocks = build(make_run(tmp_path, "pretrain", [spec(text)], default_tok_dir, num_workers=2)).train
+    assert calls["load"] == 1 and len(blocks) > 0 and set(map(len, blocks["input_ids"])) == {64}

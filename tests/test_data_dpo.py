@@ -1,0 +1,75 @@
+"""DPO: explicit columns and shared-prefix conversations, labels only on the final answer, pairs in one batch."""
+
+from __future__ import annotations
+
+import pytest
+from helpers_data import default_tok_dir, make_run, spec, trained_runs, write_jsonl  # noqa: F401
+
+from ironcore.data import build_train_loader, load_tokenizer, prepare_data
+from ironcore.errors import DataError
+
+
+def explicit_rows(n: int) -> list[dict]:
+    return [{"prompt": f"p{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(n)]
+
+
+def conversation_rows(n: int) -> list[dict]:
+    """ultrafeedback_binarized shape: both sides are full conversations sharing the prompt turns."""
+    rows = []
+    for i in range(n):
+        head = [{"role": "user", "content": f"p{i}?"}, {"role": "assistant", "content": "earlier"},
+                {"role": "user", "content": "and now?"}]
+        rows.append({"prompt": f"p{i}?", "chosen": head + [{"role": "assistant", "content": f"good {i}"}],
+                     "rejected": head + [{"role": "assistant", "content": f"bad {i}"}]})
+    return rows
+
+
+@pytest.mark.parametrize("shape", ["explicit", "conversation"])
+def test_labels_only_on_final_answer_and_pairs_share_a_batch(tmp_path, default_tok_dir, shape):
+    rows = explicit_rows(12) if shape == "explicit" else conversation_rows(12)
+    run = make_run(tmp_path, "dpo", [spec(write_jsonl(tmp_path / "d.jsonl", rows))], default_tok_dir)
+    tokenizer = load_tokenizer(run)
+    prepared = prepare_data(run, tokenizer)
+    eos = tokenizer.eos_token
+    for k, row in enumerate(prepared.train):
+        for side in ("chosen", "rejected"):
+            ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
+            answer = f"{'good' if side == 'chosen' else 'bad'} {k}{eos}"
+            assert [tokenizer.decode(r) for r in trained_runs(ids, labels)] == [answer]
+            assert tokenizer.decode(ids).startswith(f"<|im_start|>user\np{k}?")
+        prompt_len = next(k for k, label in enumerate(row["chosen_labels"]) if label != -100)
+        assert row["chosen_input_ids"][:prompt_len] == row["rejected_input_ids"][:prompt_len]
+    batch = next(iter(build_train_loader(prepared.train, run, rank=0, world_size=1, tokenizer=tokenizer)))
+    width = batch["chosen_input_ids"].shape[1]
+    for key in ("input_ids", "labels", "attention_mask", "position_ids"):
+        assert batch[f"chosen_{key}"].shape == batch[f"rejected_{key}"].shape == (4, width)
+    for b, sample in enumerate(batch["sample_ids"].tolist()):
+        n = int(batch["chosen_attention_mask"][b].sum())
+        assert batch["chosen_input_ids"][b, :n].tolist() == prepared.train[sample]["chosen_input_ids"]
+        m = int(batch["rejected_attention_mask"][b].sum())
+        assert batch["rejected_input_ids"][b, :m].tolist() == prepared.train[sample]["rejected_input_ids"]
+
+
+def test_row_without_rejected_is_an_error_naming_the_row(tmp_path, default_tok_dir):
+    rows = explicit_rows(5)
+    rows[3]["rejected"] = None
+    run = make_run(tmp_path, "dpo", [spec(write_jsonl(tmp_path / "d.jsonl", rows))], default_tok_dir)
+    with pytest.raises(DataError, match=r"data.train_datasets\[0\] 'd' row 3: no rejected answer"):
+        prepare_data(run, load_tokenizer(run))
+    assert not any(p.name.startswith("d-") for p in (tmp_path / "cache" / "preprocessed").iterdir())
+
+
+def test_missing_chosen_column_lists_columns(tmp_path, default_tok_dir):
+    rows = [{"prompt": "p", "good": "a", "rejected": "b"}]
+    run = make_run(tmp_path, "dpo", [spec(write_jsonl(tmp_path / "d.jsonl", rows))], default_tok_dir)
+    with pytest.raises(DataError, match=r"no column 'chosen' .*; columns: prompt, good, rejected"):
+        prepare_data(run, load_tokenizer(run))
+
+
+def test_pairs_with_different_prompts_are_skipped_and_counted(tmp_path, default_tok_dir):
+    rows = conversation_rows(4)
+    rows[1]["rejected"][0] = {"role": "user", "content": "another prompt"}
+    run = make_run(tmp_path, "dpo", [spec(write_jsonl(tmp_path / "d.jsonl", rows))], default_tok_dir)
+    prepared = prepare_data(run, load_tokenizer(run))
+    assert len(prepared.train) == 3
+    assert prepared.stats["datasets"]["d"]["status"] == {"ok": 3, "bad_pair": 1}

@@ -1,0 +1,370 @@
+"""IronCoreForCausalLM: config mapping, every architecture switch, RoPE, packing, recompute, generation."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers_model import GPT2_LIKE, LLAMA_LIKE, activation_bytes, one_thread, tiny_config, tiny_run  # noqa: F401
+
+from ironcore.errors import ConfigError
+from ironcore.models import IronCoreConfig, IronCoreForCausalLM, build_model, resolve_attn_implementation
+from ironcore.models.configuration_ironcore import validate_model_config
+from ironcore.models.modeling_ironcore import IronCoreRotaryEmbedding, apply_rotary_pos_emb, flash_varlen_kwargs
+
+
+def model_of(config: IronCoreConfig, seed: int = 0) -> IronCoreForCausalLM:
+    torch.manual_seed(seed)
+    return IronCoreForCausalLM(config).eval()
+
+
+def tokens(*shape: int, vocab: int = 60, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_from_run_config_maps_every_field():
+    run = tiny_run(
+        pe="rope",
+        rope=dict(base=500.0, scaling_factor=2.0, offset=3),
+        num_attention_groups=2,
+        d_model=48,
+        head_dim=16,
+        ln_eps=1e-6,
+        post_ln=True,
+        untie_embed=True,
+        dropout_embd=0.1,
+        dropout_attn=0.2,
+        dropout_mlp=0.3,
+        recompute="optimized",
+        **LLAMA_LIKE,
+    )
+    config = IronCoreConfig.from_run_config(run)
+    assert (config.vocab_size, config.unpadded_vocab_size) == (64, 60)
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (48, 64, 2)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 2, 16)
+    assert (config.norm_type, config.norm_eps, config.post_norm, config.bias) == ("rmsnorm", 1e-6, True, False)
+    assert (config.hidden_act, config.gated_mlp, config.tie_word_embeddings) == ("silu", True, False)
+    assert (config.embedding_dropout, config.attention_dropout, config.hidden_dropout) == (0.1, 0.2, 0.3)
+    assert (config.rope_theta, config.rope_scaling_factor, config.rope_offset) == (500.0, 2.0, 3)
+    assert (config.max_position_embeddings, config.precision, config.initializer_range) == (64, "float32", 0.2)
+    assert (config.activation_recompute, config.recompute_strategy) == (True, "optimized")
+    fields = config.spec_fields()
+    assert fields["model.activation_type"] == "swiglu" and fields["model.num_attention_groups"] == 2
+    assert tiny_run(num_attention_groups=None).model.num_attention_groups is None
+    assert IronCoreConfig.from_run_config(tiny_run()).num_key_value_heads == 4  # None = MHA
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        (dict(num_attention_groups=3), "model.num_attention_groups"),
+        (dict(pe="rope", head_dim=7), "model.head_dim"),
+    ],
+)
+def test_bad_model_configs_fail_before_any_tensor(fields, named):
+    run = tiny_run(**fields)
+    with pytest.raises(ConfigError, match=named) as caught:
+        validate_model_config(run.model)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ConfigError, match=named):
+        IronCoreConfig.from_run_config(run)
+    with pytest.raises(ConfigError, match="model.num_attention_groups"):
+        IronCoreConfig(num_attention_heads=8, num_key_value_heads=3)
+    with pytest.raises(ConfigError, match="model.head_dim"):
+        IronCoreConfig(position_embedding_type="rope", head_dim=7)
+
+
+def test_attention_choice_falls_back_to_sdpa_and_logs_once(caplog):
+    resolve_attn_implementation.cache_clear()
+    with caplog.at_level(logging.INFO, logger="ironcore.models.configuration_ironcore"):
+        assert resolve_attn_implementation(True) == "sdpa"  # no flash-attn package and no CUDA here
+        assert resolve_attn_implementation(True) == "sdpa"
+        assert resolve_attn_implementation(False) == "sdpa"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "use_flash_attn is true but" in lines[0] and "missing" in lines[0]
+    assert IronCoreConfig.from_run_config(tiny_run())._attn_implementation == "sdpa"
+
+
+# ------------------------------------------------------------------------------------------------ architecture
+
+COMBINATIONS = list(
+    itertools.product(
+        ("layernorm", "rmsnorm"),
+        (False, True),
+        ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"),
+        ("absolute", "rope", "none"),
+        (False, True),
+        (False, True),
+    )
+)
+
+
+@pytest.mark.parametrize(("ln_type", "post_ln", "activation", "pe", "no_bias", "untie"), COMBINATIONS)
+def test_every_combination_trains(ln_type, post_ln, activation, pe, no_bias, untie):
+    config = tiny_config(
+        pe=pe,
+        ln_type=ln_type,
+        post_ln=post_ln,
+        activation_type=activation,
+        no_bias=no_bias,
+        untie_embed=untie,
+        d_model=16,
+        d_ffn=32,
+        num_layers=1,
+        num_attention_heads=2,
+        dropout_embd=0.1,
+        dropout_attn=0.1,
+        dropout_mlp=0.1,
+    )
+    model = IronCoreForCausalLM(config).train()
+    x = tokens(2, 8)
+    out = model(x, labels=x)
+    out.loss.backward()
+    assert out.logits.shape == (2, 8, 64) and torch.isfinite(out.loss)
+    assert model.lm_head.weight.grad is not None and torch.isfinite(model.lm_head.weight.grad).all()
+    assert all(p.grad is not None for p in model.parameters())
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == (not untie)
+    assert any(name.endswith("bias") for name, _ in model.named_parameters()) == (not no_bias)
+
+
+def test_gqa_mqa_and_head_dim_shapes():
+    for groups, kv in ((None, 4), (2, 2), (1, 1)):
+        model = IronCoreForCausalLM(tiny_config(num_attention_groups=groups, d_model=24, head_dim=10))
+        attn = model.model.layers[0].self_attn
+        assert attn.q_proj.weight.shape == (40, 24) and attn.k_proj.weight.shape == (kv * 10, 24)
+        assert attn.o_proj.weight.shape == (24, 40)
+
+
+def test_padded_vocab_rows_never_win():
+    model = model_of(tiny_config(untie_embed=True))
+    x = tokens(2, 10)
+    logits = model(x).logits
+    assert (logits[..., 60:] == torch.finfo(logits.dtype).min).all()
+    assert logits.argmax(-1).max() < 60
+    model.train()
+    model(x, labels=x).loss.backward()
+    assert model.lm_head.weight.grad[60:].abs().sum() == 0  # never pushed up or down
+    generated = model.eval().generate(x[:, :3], max_new_tokens=20, do_sample=True, top_k=0)
+    assert generated.max() < 60
+
+
+def test_init_std_scaled_residual_and_xavier():
+    run = tiny_run(d_model=128, d_ffn=512, num_layers=8, num_attention_heads=8, head_dim=16, init_std=0.02)
+    model = build_model(run)
+    layer = model.model.layers[3]
+    assert layer.self_attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert layer.self_attn.o_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert layer.mlp.down_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert layer.mlp.up_proj.bias.abs().max() == 0 and (layer.attn_norm.weight == 1).all()
+    assert torch.equal(build_model(run).lm_head.weight, model.lm_head.weight)  # seeded
+    ranked = replace(
+        run, init=replace(run.init, data_parallel_random_init=True), parallel=replace(run.parallel, rank=1)
+    )
+    assert not torch.equal(build_model(ranked).lm_head.weight, model.lm_head.weight)
+    xavier = build_model(replace(run, init=replace(run.init, xavier_init=True)))
+    bound = math.sqrt(6 / (128 + 512))
+    up = xavier.model.layers[0].mlp.up_proj.weight
+    assert up.abs().max() <= bound and up.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+
+
+# ------------------------------------------------------------------------------------------------ RoPE
+
+
+def rope_scores(config: IronCoreConfig, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    cos, sin = IronCoreRotaryEmbedding(config)(q, positions)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q @ k.transpose(-1, -2)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    config = tiny_config(pe="rope", head_dim=16)
+    q, k = torch.randn(2, 3, 12, 16), torch.randn(2, 3, 12, 16)
+    positions = torch.arange(12).unsqueeze(0)
+    base = rope_scores(config, positions, q, k)
+    torch.testing.assert_close(rope_scores(config, positions + 37, q, k), base, atol=1e-4, rtol=1e-5)
+    shuffled = torch.tensor([[0, 5, 6, 9, 20, 21, 22, 23, 30, 31, 40, 41]])  # not a shift: scores change
+    assert not torch.allclose(rope_scores(config, shuffled, q, k), base, atol=1e-3)
+
+
+def test_rope_offset_and_scaling_factor_act_as_documented():
+    x = tokens(1, 16)
+    positions = torch.arange(16).unsqueeze(0)
+    plain = model_of(tiny_config(pe="rope"))
+
+    def with_rope(**rope) -> IronCoreForCausalLM:
+        model = model_of(tiny_config(pe="rope", rope=rope))
+        model.load_state_dict(plain.state_dict())
+        return model
+
+    # offset: every position shifted by it (p + offset); relative scores, so the logits barely move
+    offset = with_rope(offset=5)
+    torch.testing.assert_close(
+        offset(x, position_ids=positions).logits, plain(x, position_ids=positions + 5).logits, atol=0, rtol=0
+    )
+    torch.testing.assert_close(offset(x).logits, plain(x).logits, atol=1e-5, rtol=1e-5)
+    # scaling_factor: positions divided by it (HF linear scaling): angles at 2p with factor 2 are those at p
+    # (checked on the rotary tables: a model reads position_ids that step by 2 as packed one-token documents)
+    rotary, rotary_scaled = (
+        IronCoreRotaryEmbedding(tiny_config(pe="rope", rope=dict(scaling_factor=f))) for f in (1.0, 2.0)
+    )
+    for table, table_scaled in zip(rotary(x.float(), positions), rotary_scaled(x.float(), 2 * positions), strict=True):
+        torch.testing.assert_close(table_scaled, table, atol=0, rtol=0)
+    scaled = with_rope(scaling_factor=2.0)
+    assert not torch.allclose(scaled(x).logits, plain(x).logits, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+@pytest.mark.parametrize("pe", ["absolute", "rope"])
+def test_eager_and_sdpa_agree(pe):
+    x = tokens(2, 16)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0  # left padding
+    sdpa = model_of(tiny_config("sdpa", pe=pe, num_attention_groups=2))
+    eager = model_of(tiny_config("eager", pe=pe, num_attention_groups=2))
+    torch.testing.assert_close(
+        eager(x, attention_mask=mask).logits[:, 5:], sdpa(x, attention_mask=mask).logits[:, 5:], atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pe", ["absolute", "rope", "none"])
+def test_packed_row_matches_documents_alone(attn, pe):
+    model = model_of(tiny_config(attn, pe=pe, num_attention_groups=2))
+    doc_a, doc_b = tokens(1, 5, seed=2), tokens(1, 9, seed=3)
+    alone_a, alone_b = model(doc_a).logits, model(doc_b).logits
+    row = torch.cat([doc_a, doc_b], dim=1)
+    positions = torch.cat([torch.arange(5), torch.arange(9)]).unsqueeze(0)
+    for mask in (None, torch.ones_like(row)):
+        packed = model(row, position_ids=positions, attention_mask=mask).logits
+        torch.testing.assert_close(packed[:, :5], alone_a, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed[:, 5:], alone_b, atol=1e-5, rtol=1e-5)
+    # a batch whose second row is right-padded: padding is masked and the documents stay apart
+    rows = torch.cat([row, torch.cat([doc_b, doc_a[:, :3], torch.zeros(1, 2, dtype=torch.long)], dim=1)])
+    positions2 = torch.cat(
+        [positions, torch.cat([torch.arange(9), torch.arange(3), torch.zeros(2, dtype=torch.long)]).unsqueeze(0)]
+    )
+    mask2 = torch.ones_like(rows)
+    mask2[1, 12:] = 0
+    out = model(rows, position_ids=positions2, attention_mask=mask2).logits
+    torch.testing.assert_close(out[0, :5], alone_a[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, :9], alone_b[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, 9:12], alone_a[0, :3], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """flash_attn_varlen_func's contract, in SDPA: causal attention within each [cu[i], cu[i+1]) token range."""
+    assert attention_mask is None
+    batch, heads, length, dim = query.shape
+    q, k, v = (t.transpose(1, 2).reshape(batch * length, -1, dim).transpose(0, 1) for t in (query, key, value))
+    k, v = (t.repeat_interleave(module.num_key_value_groups, dim=0) for t in (k, v))
+    cu = kwargs["cu_seq_lens_q"].tolist()
+    out = torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(
+                q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True, scale=scaling
+            )
+            for s, e in itertools.pairwise(cu)
+        ],
+        dim=1,
+    )
+    return out.transpose(0, 1).reshape(batch, length, heads, dim), None
+
+
+def test_flash_route_gives_each_packed_document_its_own_sequence(monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flash_varlen_stand_in", varlen_attention)
+    model = model_of(tiny_config(pe="rope", num_attention_groups=2))
+    doc_a, doc_b = tokens(1, 5, seed=2), tokens(1, 9, seed=3)
+    alone_a, alone_b = model(doc_a).logits, model(doc_b).logits
+    model.config._attn_implementation = "flash_varlen_stand_in"
+    rows = torch.cat([torch.cat([doc_a, doc_b], 1), torch.cat([doc_b, doc_a], 1)])
+    positions = torch.cat([torch.arange(5), torch.arange(9)])
+    positions = torch.stack([positions, torch.cat([torch.arange(9), torch.arange(5)])])
+    out = model(rows, position_ids=positions, attention_mask=torch.ones_like(rows)).logits
+    torch.testing.assert_close(out[0, :5], alone_a[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0, 5:], alone_b[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, :9], alone_b[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, 9:], alone_a[0], atol=1e-5, rtol=1e-5)
+
+
+def test_flash_varlen_lengths_cover_each_packed_document():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    kwargs = flash_varlen_kwargs(find_packed_sequence_indices(positions))
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 12] and kwargs["max_length_q"] == 6
+    assert kwargs["cu_seq_lens_q"].dtype == torch.int32 and kwargs["cu_seq_lens_k"] is kwargs["cu_seq_lens_q"]
+
+
+# ------------------------------------------------------------------------------------------------ recompute
+
+
+def loss_and_grads(model: IronCoreForCausalLM, x: torch.Tensor, seed: int = 7) -> tuple[torch.Tensor, dict]:
+    model.train().zero_grad()
+    torch.manual_seed(seed)
+    loss = model(x, labels=x).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("strategy", ["default", "optimized"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_recompute_gives_same_loss_and_gradients(strategy, dropout):
+    drop = dict(dropout_embd=dropout, dropout_attn=dropout, dropout_mlp=dropout)
+    plain = model_of(tiny_config(pe="rope", **drop, **LLAMA_LIKE))
+    recomputed = model_of(tiny_config(pe="rope", recompute=strategy, **drop, **LLAMA_LIKE))
+    recomputed.load_state_dict(plain.state_dict())
+    assert all(layer.gradient_checkpointing for layer in recomputed.model.layers)
+    x = tokens(2, 16)
+    loss, grads = loss_and_grads(plain, x)
+    loss_r, grads_r = loss_and_grads(recomputed, x)
+    torch.testing.assert_close(loss_r, loss, atol=1e-6, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_r[name], grad, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_optimized_recompute_stores_fewer_activations(attn):
+    sizes = dict(d_model=64, d_ffn=256, head_dim=16, max_seq_len=64, **GPT2_LIKE)
+    x = tokens(2, 64)
+    stored = {
+        strategy: activation_bytes(model_of(tiny_config(attn, recompute=strategy, **sizes)).train(), x)
+        for strategy in (None, "optimized", "default")
+    }
+    assert stored["default"] < stored["optimized"] < 0.75 * stored[None], stored
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+
+@pytest.mark.parametrize(
+    "arch", [dict(pe="absolute", **GPT2_LIKE), dict(pe="rope", num_attention_groups=2, **LLAMA_LIKE)]
+)
+def test_generate_with_and_without_cache(arch):
+    model = model_of(tiny_config(**arch))
+    prompt = tokens(2, 5)
+    cached = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 17) and torch.equal(cached, uncached)
+    # left-padded batch: the padded prompt continues exactly like the same prompt alone
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), prompt[:1, 2:]], dim=1)
+    mask = torch.tensor([[0, 0, 1, 1, 1]])
+    batch = model.generate(
+        torch.cat([padded, prompt[1:]]),
+        attention_mask=torch.cat([mask, torch.ones_like(mask)]),
+        max_new_tokens=6,
+        do_sample=False,
+    )
+    alone = model.generate(prompt[:1, 2:], max_new_tokens=6, do_sample=False)
+    assert torch.equal(batch[0, 5:], alone[0, 3:]) and torch.equal(batch[1], cached[1, :11])

@@ -1,0 +1,315 @@
+"""IronCore <-> GPT-2 / LLaMA conversion, save/load (also as remote code), presets, pretrained-init checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers_model import GPT2_LIKE, LLAMA_LIKE, one_thread, tiny_config, tiny_run  # noqa: F401
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from ironcore.config import config_from_dict
+from ironcore.errors import CheckpointError, ConfigError
+from ironcore.models import (
+    IronCoreConfig,
+    IronCoreForCausalLM,
+    build_model,
+    gpt2_to_ironcore,
+    ironcore_to_gpt2,
+    ironcore_to_llama,
+    llama_to_ironcore,
+    load_pretrained,
+    trim_vocab_padding,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TOL = dict(atol=1e-5, rtol=0)
+
+
+def ironcore(seed: int = 0, **kwargs) -> IronCoreForCausalLM:
+    torch.manual_seed(seed)
+    return IronCoreForCausalLM(tiny_config(**kwargs)).eval()
+
+
+def ids(batch: int = 2, length: int = 12, vocab: int = 60) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(5))
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------------------------ GPT-2
+
+
+@pytest.mark.parametrize("untie", [False, True])
+def test_ironcore_to_gpt2_and_back(untie):
+    model = ironcore(untie_embed=untie, **GPT2_LIKE)
+    gpt2 = ironcore_to_gpt2(model)
+    x = ids()
+    assert gpt2.config.vocab_size == 60 and gpt2.transformer.wte.weight.shape[0] == 60  # padding trimmed
+    assert (gpt2.lm_head.weight is gpt2.transformer.wte.weight) == (not untie)
+    torch.testing.assert_close(gpt2(x).logits, model(x).logits[..., :60], **TOL)
+    back = gpt2_to_ironcore(gpt2)
+    assert back.config.vocab_size == 60
+    torch.testing.assert_close(back(x).logits, model(x).logits[..., :60], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_gpt2_to_ironcore_and_back(tie):
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=60,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        initializer_range=0.2,
+        tie_word_embeddings=tie,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    gpt2 = GPT2LMHeadModel(config).eval()
+    model = gpt2_to_ironcore(gpt2)
+    x = ids()
+    assert model.config.activation_type == "gelu_tanh" and model.config.tie_word_embeddings == tie
+    torch.testing.assert_close(model(x).logits, gpt2(x).logits, **TOL)
+    assert_same_weights(ironcore_to_gpt2(model), gpt2)
+
+
+# ------------------------------------------------------------------------------------------------ LLaMA
+
+
+@pytest.mark.parametrize("untie", [False, True])
+@pytest.mark.parametrize("groups", [None, 2])
+def test_ironcore_to_llama_and_back(untie, groups):
+    model = ironcore(pe="rope", num_attention_groups=groups, untie_embed=untie, head_dim=16, **LLAMA_LIKE)
+    llama = ironcore_to_llama(model)
+    x = ids()
+    assert llama.config.vocab_size == 60 and llama.config.num_key_value_heads == (groups or 4)
+    assert (llama.lm_head.weight is llama.model.embed_tokens.weight) == (not untie)
+    torch.testing.assert_close(llama(x).logits, model(x).logits[..., :60], **TOL)
+    torch.testing.assert_close(llama_to_ironcore(llama)(x).logits, model(x).logits[..., :60], atol=0, rtol=0)
+
+
+def test_llama_with_bias_geglu_and_linear_rope_scaling():
+    model = ironcore(pe="rope", rope=dict(base=500.0, scaling_factor=4.0), ln_type="rmsnorm", activation_type="geglu")
+    llama = ironcore_to_llama(model)
+    assert llama.config.rope_parameters == {"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}
+    assert llama.config.attention_bias and llama.config.mlp_bias and llama.config.hidden_act == "gelu"
+    x = ids()
+    torch.testing.assert_close(llama(x).logits, model(x).logits[..., :60], **TOL)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_llama_to_ironcore_and_back(tie, kv_heads):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=60,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        tie_word_embeddings=tie,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    llama = LlamaForCausalLM(config).eval()
+    model = llama_to_ironcore(llama)
+    x = ids()
+    assert model.config.activation_type == "swiglu" and model.config.num_key_value_heads == kv_heads
+    torch.testing.assert_close(model(x).logits, llama(x).logits, **TOL)
+    assert_same_weights(ironcore_to_llama(model), llama)
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+
+def test_conversion_to_an_architecture_the_config_cannot_express():
+    llama_like = ironcore(pe="rope", num_attention_groups=2, head_dim=16, **LLAMA_LIKE)
+    with pytest.raises(ConfigError) as caught:
+        ironcore_to_gpt2(llama_like)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("cannot convert to GPT2LMHeadModel")
+    for field in (
+        "positional_embedding.type=rope",
+        "ln_type=rmsnorm",
+        "activation_type=swiglu",
+        "no_bias=true",
+        "num_attention_groups=2",
+        "head_dim=16",
+    ):
+        assert f"model.{field}" in message
+    with pytest.raises(ConfigError, match=r"model.positional_embedding.type=absolute .*model.ln_type=layernorm"):
+        ironcore_to_llama(ironcore(**GPT2_LIKE))
+    with pytest.raises(ConfigError, match=r"model.positional_embedding.offset=3 \(needs 0\); model.post_ln=true"):
+        ironcore_to_llama(ironcore(pe="rope", rope=dict(offset=3), post_ln=True, **LLAMA_LIKE))
+    llama3 = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=60,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0},
+        )
+    )
+    with pytest.raises(ConfigError, match="rope_parameters.rope_type=dynamic"):
+        llama_to_ironcore(llama3)
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+
+
+def test_save_pretrained_round_trip_is_bitwise(tmp_path):
+    model = ironcore(pe="rope", num_attention_groups=2, untie_embed=True, **LLAMA_LIKE)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "ironcore" and saved["vocab_size"] == 64 and saved["unpadded_vocab_size"] == 60
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is IronCoreForCausalLM and loaded.dtype == torch.float32
+    assert_same_weights(loaded, model)
+    x = ids()
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
+    tied = ironcore(**GPT2_LIKE)
+    tied.save_pretrained(tmp_path / "tied")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tied")
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert_same_weights(reloaded, tied)
+
+
+REMOTE_LOAD = """
+import sys
+sys.modules["ironcore"] = None  # not importable here, even if it were installed in site-packages
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.save({"logits": model(torch.load(sys.argv[2])).logits, "module": type(model).__module__}, sys.argv[3])
+"""
+
+
+def test_trust_remote_code_load_without_ironcore(tmp_path):
+    model = ironcore(pe="rope", num_attention_groups=2, **LLAMA_LIKE)
+    export = tmp_path / "export"
+    model.save_pretrained(export)
+    assert {"configuration_ironcore.py", "modeling_ironcore.py"} <= {p.name for p in export.iterdir()}
+    auto_map = json.loads((export / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_ironcore.IronCoreForCausalLM"
+    x = ids()
+    torch.save(x, tmp_path / "ids.pt")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": ""}
+    subprocess.run(
+        [sys.executable, "-I", "-c", REMOTE_LOAD, str(export), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    remote = torch.load(tmp_path / "out.pt")
+    assert remote["module"].startswith("transformers_modules.")
+    torch.testing.assert_close(remote["logits"], model(x).logits, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+PRESETS = sorted((REPO / "configs" / "model").glob("*.yaml"))
+
+
+def preset_run(path: Path, vocab_size: int = 50257, unit: int = 1):
+    raw = yaml.safe_load(path.read_text())
+    return config_from_dict({"model": raw, "data": {"vocab_size": vocab_size}, "trainer": {"vocab_padding_unit": unit}})
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_every_preset_builds_on_meta(preset):
+    run = preset_run(preset, unit=128)
+    config = IronCoreConfig.from_run_config(run)
+    with torch.device("meta"):
+        model = IronCoreForCausalLM(config)
+    assert model.lm_head.weight.shape == (50304, run.model.d_model)
+    assert len(model.model.layers) == run.model.num_layers
+
+
+def test_gpt2_small_parameter_count_matches_gpt2lmheadmodel():
+    config = IronCoreConfig.from_run_config(preset_run(REPO / "configs" / "model" / "gpt2-small.yaml"))
+    with torch.device("meta"):
+        ours = IronCoreForCausalLM(config)
+        theirs = GPT2LMHeadModel(GPT2Config(vocab_size=50257))
+    assert ours.num_parameters() == theirs.num_parameters() == 124_439_808
+
+
+# ------------------------------------------------------------------------------------------------ pretrained init
+
+
+def test_load_pretrained_detects_the_model_type(tmp_path):
+    x = ids()
+    gpt2 = ironcore_to_gpt2(ironcore(**GPT2_LIKE))
+    llama = ironcore_to_llama(ironcore(pe="rope", num_attention_groups=2, head_dim=16, **LLAMA_LIKE))
+    native = ironcore(pe="none", activation_type="relu")
+    for name, source in (("gpt2", gpt2), ("llama", llama), ("ironcore", native)):
+        source.save_pretrained(tmp_path / name)
+        loaded = load_pretrained(tmp_path / name)
+        assert type(loaded) is IronCoreForCausalLM
+        torch.testing.assert_close(loaded.eval()(x).logits, source(x).logits, **TOL)
+    trimmed = trim_vocab_padding(native)
+    assert trimmed.config.vocab_size == 60 and trimmed.model.embed_tokens.weight.shape[0] == 60
+    torch.testing.assert_close(trimmed(x).logits, native(x).logits[..., :60], atol=0, rtol=0)
+
+
+def test_build_model_from_pretrained_checks_the_config(tmp_path):
+    run = tiny_run(**GPT2_LIKE)
+    source = ironcore_to_gpt2(build_model(run).eval())
+    source.save_pretrained(tmp_path)
+    model = build_model(replace(run, init=replace(run.init, from_pretrained=str(tmp_path)))).eval()
+    assert model.config.vocab_size == 64  # re-padded for this run
+    x = ids()
+    torch.testing.assert_close(model(x).logits[..., :60], source(x).logits, **TOL)
+    different = replace(
+        run, model=replace(run.model, d_ffn=128, ln_eps=1e-6), init=replace(run.init, from_pretrained=str(tmp_path))
+    )
+    with pytest.raises(CheckpointError, match=r"model.d_ffn is 64 there but 128 in the config; model.ln_eps") as caught:
+        build_model(different)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["ironcore", "gpt2"])
+def test_checkpoint_whose_shapes_do_not_match_its_config(tmp_path, kind):
+    model = ironcore(**GPT2_LIKE)
+    (ironcore_to_gpt2(model) if kind == "gpt2" else model).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size" if kind == "ironcore" else "n_inner"] = 48
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as caught:
+        load_pretrained(tmp_path)
+    message = str(caught.value)
+    tensor = "model.layers.0.mlp.up_proj.weight" if kind == "ironcore" else "transformer.h.0.mlp.c_fc.weight"
+    shapes = ("(64, 32)", "(48, 32)") if kind == "ironcore" else ("(32, 64)", "(32, 48)")
+    assert "\n" not in message and tensor in message and all(s in message for s in shapes), message
+
+
+def test_directories_that_are_not_models(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match="model_type 'bert' is not one of ironcore, gpt2, llama"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(IronCoreConfig().to_json_string())
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_pretrained(tmp_path)
