@@ -232,12 +232,14 @@ def load_checkpoint(
     load_optim_state: bool,
     load_lr_scheduler: bool,
     model_config: dict[str, Any] | None = None,
+    ignore_model_fields: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Restore the prepared model, optimizer, scheduler and RNG of every process from `ckpt_dir`; return train_state.
 
     Collective: every process must call it after `accelerator.prepare`. Before touching any state it checks
-    file sizes against the manifest and calls `check_compatible` (with `model_config` when given, and the
-    accelerator's world size and engine), so a mismatch is one CheckpointError, not a shape error.
+    file sizes against the manifest and calls `check_compatible` (with `model_config` when given, minus the
+    dotted fields in `ignore_model_fields`, and the accelerator's world size and engine), so a mismatch is one
+    CheckpointError, not a shape error.
 
     accelerate's `load_state` loads everything that was prepared, so the two switches
     (`optim.load_checkpoint_optim_state`, `optim.load_checkpoint_lr_scheduler`) work like this:
@@ -251,7 +253,8 @@ def load_checkpoint(
     verify_checkpoint(ckpt_dir, checksums=False)
     train_state = read_train_state(ckpt_dir)
     check_compatible(
-        train_state, model_config, accelerator.num_processes, distributed_type=accelerator.distributed_type
+        train_state, model_config, accelerator.num_processes, distributed_type=accelerator.distributed_type,
+        ignore=ignore_model_fields,
     )
 
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED

@@ -32,7 +32,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.explain:
         report["explain"] = explain(run, env)
     if args.write_accelerate_config:
-        write_accelerate_config(run, args.write_accelerate_config, env)
+        write_accelerate_config(run, args.write_accelerate_config, env.world_size)
     if args.format == "json":
         print(json.dumps(report, indent=2))
     else:

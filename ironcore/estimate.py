@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from ironcore import metrics
 from ironcore.config.schema import ModelConfig, RunConfig
 
 GATED_ACTIVATIONS = frozenset({"swiglu", "geglu"})
@@ -75,19 +76,15 @@ def count_parameters(model: ModelConfig, vocab_size: int, padding_unit: int = 1)
     )
 
 
-def flops_per_token(model: ModelConfig, params: ParamCount, seq_len: int) -> int:
-    """Training FLOPs per token, PaLM appendix B (Chowdhery et al. 2022): `6 N + 12 L H Q T`.
+def flops_per_token(model: ModelConfig, params: ParamCount, seq_len: int) -> float:
+    """Training FLOPs per token from the config alone: `ironcore.metrics.flops_per_token` (PaLM's 6N + 12LHQT).
 
-    `6 N`: forward (2 N) plus backward (4 N) multiply-adds of every weight matrix a token passes through:
-    N = non-embedding parameters plus the LM-head projection (vocab x d_model, tied or not); the
-    embedding and position lookups do no matmul. `12 L H Q T`: the attention score and value matmuls
-    (L layers, H query heads of width Q, sequence length T), counted without the causal half, as PaLM does.
-    This is the numerator of MFU.
+    N counts every weight matrix a token passes through: non-embedding parameters plus the LM-head
+    projection (vocab x d_model, tied or not); embedding and position lookups do no matmul.
     """
     vocab_rows = params.embedding // model.d_model
     matmul_params = params.non_embedding + vocab_rows * model.d_model
-    attention = 12 * model.num_layers * model.num_attention_heads * model.head_dim * seq_len
-    return 6 * matmul_params + attention
+    return metrics.flops_per_token(matmul_params, model.num_layers, seq_len, model.num_attention_heads * model.head_dim)
 
 
 @dataclass(frozen=True)

@@ -114,31 +114,35 @@ def lookup_peak_tflops(device_name: str, dtype: torch.dtype | str, *, tf32: bool
 
 @functools.lru_cache(maxsize=None)
 def measure_matmul_flops(device: str, dtype: torch.dtype) -> float:
-    """Achieved FLOP/s of a square matmul (1024 on CPU, 4096 on accelerators) on `device`, measured once.
+    """Best achieved FLOP/s of a square matmul (2048 on CPU, 4096 on accelerators) on `device`, measured once.
 
-    One warm-up call (library initialisation), one probe, then about 0.2 s of timed iterations; a path
-    whose first call already takes over 0.5 s (e.g. fp16 matmul on CPU) is measured by that call.
+    The best of several single-call timings (about 0.5 s of them after a warm-up), not their mean: another
+    process loading the machine for a while slows some calls but rarely all of them, and a peak measured too
+    low would make MFU exceed 1. The matmul runs on torch's intra-op threads, as training does. A path whose
+    warm-up call (at n=1024) already takes over 0.5 s (e.g. fp16 matmul on CPU) is measured by that call.
     """
     dev = torch.device(device)
-    n = 1024 if dev.type == "cpu" else 4096
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
 
-    def timed(iters: int) -> float:
-        if dev.type != "cpu":
-            torch.accelerator.synchronize(dev)
-        start = time.perf_counter()
-        for _ in range(iters):
+    def timings(n: int, *, at_least: int, budget_s: float) -> list[float]:
+        """Seconds of single matmul calls: `at_least` of them, more until `budget_s` is spent (at most 50)."""
+        a = torch.randn(n, n, device=dev, dtype=dtype)
+        b = torch.randn(n, n, device=dev, dtype=dtype)
+        out: list[float] = []
+        while len(out) < at_least or (sum(out) < budget_s and len(out) < 50):
+            if dev.type != "cpu":
+                torch.accelerator.synchronize(dev)
+            start = time.perf_counter()
             torch.matmul(a, b)
-        if dev.type != "cpu":
-            torch.accelerator.synchronize(dev)
-        return (time.perf_counter() - start) / iters
+            if dev.type != "cpu":
+                torch.accelerator.synchronize(dev)
+            out.append(time.perf_counter() - start)
+        return out
 
-    seconds = timed(1)
-    if seconds < 0.5:
-        probe = timed(1)
-        seconds = timed(min(50, max(1, int(0.2 / probe))))
-    return 2.0 * n**3 / seconds
+    (warmup,) = timings(1024, at_least=1, budget_s=0.0)
+    if warmup > 0.5:
+        return 2.0 * 1024**3 / warmup
+    n = 2048 if dev.type == "cpu" else 4096
+    return 2.0 * n**3 / min(timings(n, at_least=5, budget_s=0.5))
 
 
 def peak_flops(device: torch.device | str, dtype: torch.dtype | str, override_tflops: float | None = None) -> float:

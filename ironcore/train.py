@@ -8,6 +8,7 @@ evaluation and checkpoints -> test pass -> Hugging Face export. One run director
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import sys
@@ -20,22 +21,29 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from ironcore.checkpoint import MODEL_CONFIG_KEY, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from ironcore.config import RunConfig, config_to_dict
-from ironcore.data import build_eval_loader, build_train_loader, load_tokenizer, prepare_data
+from ironcore.data import TrainLoader, build_eval_loader, build_train_loader, load_tokenizer, prepare_data
+from ironcore.data.loader import make_collator
 from ironcore.errors import ConfigError, IronCoreError
 from ironcore.export import save_hf
 from ironcore.metrics import MetricsLog, flops_per_token, global_norm, memory_report, mfu, non_embedding_param_count, peak_flops
-from ironcore.models import build_model
+from ironcore.models import build_model, padded_vocab_size
 from ironcore.optim import build_optimizer, build_scheduler
 from ironcore.profiling import StepProfiler
 from ironcore.tasks import Batch, DirectPreference, LanguageModeling, reference_logps
 from ironcore.translate import build_accelerator, run_dir, tracker_init_kwargs, tracker_project_name
 
 logger = get_logger(__name__)
+
+Task = LanguageModeling | DirectPreference
+
+# Model fields a resume may change: dropout shapes no weight and no optimizer state.
+RESUME_IGNORED_MODEL_FIELDS = ("dropout_embd", "dropout_attn", "dropout_mlp")
+SAMPLES_FILE = "samples.jsonl"
 
 
 class NonFiniteLossError(IronCoreError):
@@ -48,6 +56,7 @@ class StepResult:
     tokens: int
     grad_norm: float | None
     stats: dict[str, float] = field(default_factory=dict)
+    lr: float = math.nan  # the learning rate this step's update used (before the scheduler moved on)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,6 +69,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 def train(run: RunConfig) -> Path:
     """Train as the config says; return the exported model directory."""
     out = prepare_run_dir(run)
+    loop, loader = build_loop(run, out)
+    accelerator, model, tokenizer = loop.accelerator, loop.model, loop.tokenizer
+    step = resume(run, out, accelerator, loader, model)
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(run), sort_keys=False))
+    accelerator.init_trackers(tracker_project_name(run), config=flat_config(run), init_kwargs=tracker_init_kwargs(run))
+    try:
+        if loop.run(step, iter(loader), loader):
+            loop.test()
+        export_dir = out / "export"
+        save_hf(accelerator, model, tokenizer, export_dir)
+        release_engine(accelerator, model)
+    finally:
+        accelerator.end_training()
+    return export_dir
+
+
+def build_loop(run: RunConfig, out: Path) -> tuple[Loop, TrainLoader]:
+    """Accelerator, tokenizer, data, model, task(s), optimizer and schedule, prepared, and this rank's train loader:
+    everything `train` needs before resuming. Tests drive `Loop.train_step` on exactly these pieces."""
     accelerator = build_accelerator(run)
     logging.basicConfig(level=run.utils.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if run.utils.deterministic:
@@ -70,7 +99,7 @@ def train(run: RunConfig) -> Path:
     with accelerator.main_process_first():
         data = prepare_data(run, tokenizer)
     model = build_model(run)
-    task = build_task(run, model, data, tokenizer, accelerator)
+    tasks = build_tasks(run, model, data, tokenizer, accelerator)
     optimizer = build_optimizer(model, run.optim, accelerator.device.type)
     scheduler = build_scheduler(optimizer, run.optim, run.operation.train_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -78,18 +107,16 @@ def train(run: RunConfig) -> Path:
 
     loader = build_train_loader(data.train, run, rank=accelerator.process_index, world_size=accelerator.num_processes,
                                 tokenizer=tokenizer)
-    step = resume(run, out, accelerator, loader, model)
-    if accelerator.is_main_process:
-        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(run), sort_keys=False))
-    accelerator.init_trackers(tracker_project_name(run), config=flat_config(run), init_kwargs=tracker_init_kwargs(run))
+    loop = Loop(run, out, accelerator, model, optimizer, scheduler, tasks["train"], data, tokenizer, eval_tasks=tasks)
+    return loop, loader
 
-    loop = Loop(run, out, accelerator, model, optimizer, scheduler, task, data, tokenizer)
-    loop.run(step, iter(loader), loader)
-    loop.test()
-    export_dir = out / "export"
-    save_hf(accelerator, model, tokenizer, export_dir)
-    accelerator.end_training()
-    return export_dir
+
+def release_engine(accelerator: Accelerator, model) -> None:
+    """DeepSpeed: destroy the engine and meet the other ranks before end_training drops the process group;
+    without it a ZeRO-3 rank often aborts at exit ("terminate called without an active exception", SIGABRT)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.destroy()
+        accelerator.wait_for_everyone()
 
 
 def prepare_run_dir(run: RunConfig) -> Path:
@@ -106,19 +133,45 @@ def prepare_run_dir(run: RunConfig) -> Path:
     return out
 
 
-def build_task(run: RunConfig, model: torch.nn.Module, data, tokenizer, accelerator: Accelerator):
-    """Causal LM for pretrain/SFT; DPO against a frozen copy of the initial model, or its precomputed scores."""
+def build_tasks(run: RunConfig, model: torch.nn.Module, data, tokenizer, accelerator: Accelerator) -> dict[str, Task]:
+    """The task of each split ("train", "eval", "test"): causal LM for pretrain/SFT; DPO against a frozen copy
+    of the initial model, or against its log-probs precomputed per split (`optim.dpo_precompute_ref`), since
+    sample ids index their own split's rows and a train table must never score eval pairs."""
     if run.data.task_type != "dpo":
-        return LanguageModeling()
+        task = LanguageModeling()
+        return {"train": task, "eval": task, "test": task}
     reference = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
     if not run.optim.dpo_precompute_ref:
-        return DirectPreference(run.optim.dpo_beta, reference=reference)
-    batches = build_eval_loader(data.train, run, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                max_samples=len(data.train), tokenizer=tokenizer)
-    with accelerator.autocast():
-        table = reference_logps(reference, batches, len(data.train), accelerator.device)
-    del reference
-    return DirectPreference(run.optim.dpo_beta, reference_logps=accelerator.reduce(table, "sum"))
+        task = DirectPreference(run.optim.dpo_beta, reference=reference)
+        return {"train": task, "eval": task, "test": task}
+    limits = {"train": None, "eval": run.operation.eval_samples, "test": run.operation.test_samples}
+    tasks = {}
+    for split, limit in limits.items():
+        dataset = getattr(data, split)
+        rows = 0 if dataset is None else len(dataset) if limit is None else min(limit, len(dataset))
+        batches = every_row_once(dataset, run, tokenizer, rows, rank=accelerator.process_index,
+                                 world_size=accelerator.num_processes)
+        with accelerator.autocast():
+            table = reference_logps(reference, batches, max(rows, 1), accelerator.device)
+        tasks[split] = DirectPreference(run.optim.dpo_beta, reference_logps=accelerator.reduce(table, "sum"))
+    return tasks
+
+
+def every_row_once(dataset, run: RunConfig, tokenizer, rows: int, *, rank: int, world_size: int) -> Iterator[Batch]:
+    """Batches of this rank's rows among the first `rows` (rank, rank + world_size, ...), with their sample ids.
+
+    Unlike the eval loader, which gives every rank the same number of rows and drops the remainder, every
+    row lands on exactly one rank: a reference table with a missing row would score that pair against 0.
+    """
+    if rows == 0:
+        return
+    collate = make_collator(dataset, run, tokenizer)
+    indices = list(range(rank, rows, world_size))
+    size = run.trainer.eval_batch_size or run.trainer.micro_batch_size
+    for start in range(0, len(indices), size):
+        chunk = indices[start : start + size]
+        columns = dataset[chunk]
+        yield collate([{**dict(zip(columns, values)), "sample_id": i} for values, i in zip(zip(*columns.values()), chunk)])
 
 
 def resume(run: RunConfig, out: Path, accelerator: Accelerator, loader, model) -> int:
@@ -130,11 +183,19 @@ def resume(run: RunConfig, out: Path, accelerator: Accelerator, loader, model) -
         accelerator, ckpt,
         load_optim_state=run.optim.load_checkpoint_optim_state,
         load_lr_scheduler=run.optim.load_checkpoint_lr_scheduler,
-        model_config=config_to_dict(run)["model"],
+        model_config=checkpoint_model_config(run),
+        ignore_model_fields=RESUME_IGNORED_MODEL_FIELDS,
     )
     loader.load_state_dict(state["data"])
     logger.info("Resumed from %s at step %d", ckpt, state["step"], main_process_only=True)
     return int(state["step"])
+
+
+def checkpoint_model_config(run: RunConfig) -> dict[str, object]:
+    """The model group as saved with (and compared against) a checkpoint, plus the padded vocabulary size,
+    which lives in the data group but sets the embedding shape."""
+    return {**config_to_dict(run)["model"],
+            "vocab_size": padded_vocab_size(run.data.vocab_size, run.trainer.vocab_padding_unit)}
 
 
 def flat_config(run: RunConfig) -> dict[str, object]:
@@ -155,9 +216,11 @@ def flat_config(run: RunConfig) -> dict[str, object]:
 class Loop:
     """The step loop and its cadences (log, eval, save, exit), holding what every step needs."""
 
-    def __init__(self, run, out, accelerator, model, optimizer, scheduler, task, data, tokenizer=None):
+    def __init__(self, run, out, accelerator, model, optimizer, scheduler, task, data, tokenizer=None,
+                 eval_tasks: dict[str, Task] | None = None):
         self.cfg, self.out, self.accelerator, self.tokenizer = run, out, accelerator, tokenizer
         self.model, self.optimizer, self.scheduler, self.task, self.data = model, optimizer, scheduler, task, data
+        self.eval_tasks = eval_tasks or {}
         self.main = accelerator.is_main_process
         self.metrics = MetricsLog(out) if self.main else None
         self.profiler = StepProfiler(run.utils, accelerator.process_index, out / "profile")
@@ -170,8 +233,10 @@ class Loop:
         self.peak = peak_flops(accelerator.device, dtype, run.trainer.peak_tflops) * accelerator.num_processes
         self.nonfinite_in_a_row = 0
 
-    def run(self, step: int, batches: Iterator[Batch], loader) -> None:
-        """Steps from `step` to operation.train_steps (or an exit_interval), with every cadence."""
+    def run(self, step: int, batches: Iterator[Batch], loader) -> bool:
+        """Steps from `step` to operation.train_steps (or an exit_interval), with every cadence.
+
+        Returns whether training reached operation.train_steps (False: stopped by operation.exit_interval)."""
         trainer, operation = self.cfg.trainer, self.cfg.operation
         progress = tqdm(total=operation.train_steps, initial=step, disable=not self.main, desc="train", dynamic_ncols=True)
         window_start, window_tokens = time.perf_counter(), 0
@@ -183,6 +248,8 @@ class Loop:
             if result is None:
                 continue
             step += 1
+            if trainer.log_sample_ids:
+                self.log_samples(step, micro_batches)
             window_tokens += result.tokens
             progress.update(1)
             progress.set_postfix(loss=f"{result.loss:.4f}")
@@ -200,6 +267,7 @@ class Loop:
                 break
         progress.close()
         self.profiler.close()
+        return step >= operation.train_steps
 
     def train_step(self, micro_batches: list[Batch], step: int) -> StepResult | None:
         """One optimizer step over GA micro-batches, the loss normalised by the whole step's count."""
@@ -225,23 +293,26 @@ class Loop:
         self.nonfinite_in_a_row = 0
         with self.profiler.phase("optimizer"):
             grad_norm = self.clip()
+            lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         tokens = int(acc.reduce(sum(b[self.token_key].sum() for b in micro_batches).float(), "sum").item())
         reduced = {k: acc.reduce(v, "sum").item() for k, v in stats.items()}
-        return StepResult(loss, tokens, grad_norm, self.task.summarize(loss * total.item(), reduced))
+        return StepResult(loss, tokens, grad_norm, self.task.summarize(loss * total.item(), reduced), lr)
 
     @property
     def token_key(self) -> str:
         return "chosen_attention_mask" if isinstance(self.task, DirectPreference) else "attention_mask"
 
     def clip(self) -> float | None:
+        """Clip to optim.clip_grad; return the norm before clipping, also without clipping when it is logged."""
         clip = self.cfg.optim.clip_grad
-        if clip > 0:
-            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
-            return None if norm is None else float(norm)
-        return None
+        if clip <= 0 and self.cfg.trainer.grad_norm_log_interval is None:
+            return None
+        # max_norm=inf measures without changing the gradients (the clip coefficient is clamped to 1)
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        return None if norm is None else float(norm)
 
     def skip_step(self, step: int, loss: float) -> None:
         """Drop a NaN/Inf step's gradients; stop after `trainer.max_nonfinite_steps` of them in a row."""
@@ -260,7 +331,7 @@ class Loop:
 
     def log_step(self, step: int, result: StepResult, tokens_per_sec: float) -> None:
         trainer = self.cfg.trainer
-        record = {"loss": result.loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_sec": tokens_per_sec,
+        record = {"loss": result.loss, "lr": result.lr, "tokens_per_sec": tokens_per_sec,
                   "mfu": mfu(tokens_per_sec, self.flops_per_token, self.peak)}
         record.update({f"train/{k}": v for k, v in result.stats.items() if k != "loss"})
         if trainer.grad_norm_log_interval == "log" and result.grad_norm is not None:
@@ -271,6 +342,14 @@ class Loop:
             record.update({f"memory/{k}": v for k, v in memory_report(self.accelerator.device).items()})
         self.record(step, record)
         logger.info("step %d | %s", step, " | ".join(f"{k} {v:.4g}" for k, v in record.items()), main_process_only=True)
+
+    def log_samples(self, step: int, micro_batches: list[Batch]) -> None:
+        """Data-order audit (trainer.log_sample_ids): the step's sample ids of every rank, in rank order, one
+        JSON line per optimizer step in samples.jsonl (appended; after a resume, the last line per step wins)."""
+        ids = self.accelerator.gather(torch.cat([b["sample_ids"] for b in micro_batches]).to(self.accelerator.device))
+        if self.main:
+            with (self.out / SAMPLES_FILE).open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "sample_ids": ids.tolist()}) + "\n")
 
     def param_norm(self) -> float:
         return global_norm(p.detach() for p in self.model.parameters())
@@ -286,6 +365,7 @@ class Loop:
         if dataset is None or len(dataset) == 0 or max_samples == 0:
             return {}
         acc = self.accelerator
+        task = self.eval_tasks.get(split, self.task)
         self.model.eval()
         loss_sum = torch.zeros((), device=acc.device)
         stats: dict[str, torch.Tensor] = {}
@@ -293,12 +373,12 @@ class Loop:
                                        max_samples=max_samples, tokenizer=self.tokenizer):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
-                result = self.task(self.model, batch)
+                result = task(self.model, batch)
             loss_sum += result.loss_sum.float()
             for key, value in result.stats.items():
                 stats[key] = stats.get(key, 0) + value.float()
         reduced = {k: acc.reduce(v, "sum").item() for k, v in stats.items()}
-        summary = self.task.summarize(acc.reduce(loss_sum, "sum").item(), reduced)
+        summary = task.summarize(acc.reduce(loss_sum, "sum").item(), reduced)
         self.record(step, {f"{split}/{k}": v for k, v in summary.items()})
         logger.info("%s at step %d | %s", split, step, " | ".join(f"{k} {v:.4g}" for k, v in summary.items()),
                     main_process_only=True)
@@ -311,7 +391,7 @@ class Loop:
     def save(self, step: int, loader, result: StepResult) -> None:
         """Checkpoint (collective), then the norms whose cadence is `checkpoint`."""
         trainer = self.cfg.trainer
-        state = {"data": loader.state_dict(), MODEL_CONFIG_KEY: config_to_dict(self.cfg)["model"]}
+        state = {"data": loader.state_dict(), MODEL_CONFIG_KEY: checkpoint_model_config(self.cfg)}
         save_checkpoint(self.accelerator, self.out, step, state, keep_last=trainer.keep_last_checkpoints)
         values = {}
         if trainer.grad_norm_log_interval == "checkpoint" and result.grad_norm is not None:

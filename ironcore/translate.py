@@ -32,6 +32,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from accelerate.utils.other import get_free_port
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
+from ironcore.config.resolve import batch_arithmetic
 from ironcore.config.schema import RunConfig
 from ironcore.errors import ConfigError
 from ironcore.estimate import Sharding, estimate
@@ -41,7 +42,8 @@ logger = logging.getLogger(__name__)
 DECODER_LAYER_CLASS = "IronCoreDecoderLayer"
 DS_PRESETS = ("zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
 # Installed: ironcore/_ds_configs (setup.cfg package_dir); source checkout: <repo>/ds_configs.
-_SHIPPED_DS_DIRS = (Path(__file__).resolve().parent / "_ds_configs", Path(__file__).resolve().parent.parent / "ds_configs")
+_HERE = Path(__file__).resolve().parent
+_SHIPPED_DS_DIRS = (_HERE / "_ds_configs", _HERE.parent / "ds_configs")
 _MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 _FSDP_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _FSDP_STATE_DICT = {"full": "FULL_STATE_DICT", "sharded": "SHARDED_STATE_DICT"}
@@ -81,7 +83,8 @@ class LaunchEnv:
             num_gpus=torch.cuda.device_count() if cuda else 0,
         )
         if world_size is not None:
-            env = replace(env, world_size=world_size, local_world_size=world_size, launched=env.launched or world_size > 1)
+            launched = env.launched or world_size > 1
+            env = replace(env, world_size=world_size, local_world_size=world_size, launched=launched)
         return env
 
     @property
@@ -112,31 +115,11 @@ class BatchPlan:
 
 
 def batch_plan(run: RunConfig, env: LaunchEnv) -> BatchPlan:
-    """Derive the missing one of train_batch_size / gradient_accumulation_steps, or check that both agree."""
-    t = run.trainer
+    """The run's batch arithmetic at `env`'s world size (the config's rules: `ironcore.config.resolve`)."""
+    t = batch_arithmetic(run.trainer, env.world_size)
     tp, pp = t.tensor_model_parallel_size, t.pipeline_model_parallel_size
-    if env.world_size % (tp * pp):
-        raise ConfigError(
-            f"trainer.tensor_model_parallel_size x pipeline_model_parallel_size = {tp} x {pp} "
-            f"does not divide the world size {env.world_size}"
-        )
     dp = env.world_size // (tp * pp)
-    per_step = t.micro_batch_size * dp
-    ga, total = t.gradient_accumulation_steps, t.train_batch_size
-    if ga is None and total is None:
-        ga = 1
-    elif ga is None:
-        if total % per_step:
-            raise ConfigError(
-                f"trainer.train_batch_size={total} is not a multiple of micro_batch_size x data-parallel size "
-                f"= {t.micro_batch_size} x {dp} = {per_step}"
-            )
-        ga = total // per_step
-    elif total is not None and total != per_step * ga:
-        raise ConfigError(
-            f"trainer.train_batch_size={total} != micro_batch_size x gradient_accumulation_steps x data-parallel "
-            f"size = {t.micro_batch_size} x {ga} x {dp} = {per_step * ga}"
-        )
+    ga = t.gradient_accumulation_steps
     seq_len = run.data.seq_length or run.model.max_seq_len
     return BatchPlan(
         micro_batch_size=t.micro_batch_size,
@@ -145,8 +128,8 @@ def batch_plan(run: RunConfig, env: LaunchEnv) -> BatchPlan:
         tensor_parallel_size=tp,
         pipeline_parallel_size=pp,
         world_size=env.world_size,
-        global_batch_size=per_step * ga,
-        tokens_per_step=per_step * ga * seq_len,
+        global_batch_size=t.train_batch_size,
+        tokens_per_step=t.train_batch_size * seq_len,
     )
 
 
@@ -280,7 +263,9 @@ def load_deepspeed_preset(spec: str) -> dict:
     except json.JSONDecodeError as e:
         raise ConfigError(f"parallel.deepspeed_config={spec!r}: invalid JSON ({e})") from None
     if not isinstance(config, dict) or not isinstance(config.get("zero_optimization"), dict):
-        raise ConfigError(f"parallel.deepspeed_config={spec!r}: expected a JSON object with a zero_optimization section")
+        raise ConfigError(
+            f"parallel.deepspeed_config={spec!r}: expected a JSON object with a zero_optimization section"
+        )
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
@@ -324,7 +309,8 @@ def deepspeed_config(run: RunConfig, env: LaunchEnv) -> dict | None:
     for section in ("optimizer", "scheduler"):
         if section in config:
             raise ConfigError(
-                f"parallel.deepspeed_config={spec!r} defines {section!r}: IronCore builds it from the optim group - remove it"
+                f"parallel.deepspeed_config={spec!r} defines {section!r}: IronCore builds it from the optim "
+                "group - remove it"
             )
     plan = batch_plan(run, env)
     d = run.model.d_model
@@ -512,6 +498,8 @@ def accelerator_settings(run: RunConfig, env: LaunchEnv) -> dict:
         # IronCore's LR schedule counts optimizer steps and the loop steps it once per optimizer step;
         # Accelerate's default would step a prepared scheduler num_processes times per call.
         "step_scheduler_with_optimizer": False,
+        # trainer.torch_compile: Accelerate compiles the model in prepare() (TorchInductor).
+        "dynamo_backend": "inductor" if run.trainer.torch_compile else "no",
         # DDP on CPU needs cpu=True; DeepSpeed must never get it (Accelerate would silently drop DeepSpeed).
         "cpu": not env.cuda_available and not engine,
         "log_with": trackers(run),
@@ -540,6 +528,7 @@ def accelerator_kwargs(run: RunConfig, env: LaunchEnv) -> dict:
         "mixed_precision": s["mixed_precision"],
         "gradient_accumulation_steps": s["gradient_accumulation_steps"],
         "step_scheduler_with_optimizer": s["step_scheduler_with_optimizer"],
+        "dynamo_backend": s["dynamo_backend"],
         "cpu": s["cpu"],
         "log_with": s["log_with"] or None,
         "project_config": ProjectConfiguration(project_dir=s["project_dir"], logging_dir=s["logging_dir"]),
@@ -571,7 +560,8 @@ def build_accelerator(run: RunConfig, env: LaunchEnv | None = None) -> Accelerat
     if got != want or accelerator.num_processes != env.world_size:
         raise ConfigError(
             f"launch mismatch: the config needs {want} with {env.world_size} process(es) but Accelerate set up {got} "
-            f"with {accelerator.num_processes} (check the launcher and ACCELERATE_* variables; see write_accelerate_config)"
+            f"with {accelerator.num_processes} (check the launcher and ACCELERATE_* variables; "
+            "see write_accelerate_config)"
         )
     return accelerator
 

@@ -1,5 +1,8 @@
 """Shared pieces of the data tests: tiny tokenizers trained in the test session, run configs, data files.
 
+Test modules import the fixture functions (`from helpers_data import default_tok_dir_fixture, ...`); pytest
+registers them under the names given by `name=` (`default_tok_dir`, ...).
+
 Two tokenizers (vocab 768, trained from a slice of the built-in corpus in about 0.1 s each):
 - `default_tok`: IronCore's tokenizer layout with the default ChatML-like template (`{% generation %}` path);
 - `own_tok`: brings its own template (no generation blocks, `<|end|>` ends turns, BOS first), like a hub
@@ -44,27 +47,27 @@ def corpus() -> list[str]:
     return pretrain_texts()[:60]
 
 
-@pytest.fixture(scope="session")
-def default_tok_dir(tmp_path_factory) -> Path:
+@pytest.fixture(scope="session", name="default_tok_dir")
+def default_tok_dir_fixture(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tok_default")
     train_tokenizer(corpus(), path, vocab_size=VOCAB)
     return path
 
 
-@pytest.fixture(scope="session")
-def own_tok_dir(tmp_path_factory) -> Path:
+@pytest.fixture(scope="session", name="own_tok_dir")
+def own_tok_dir_fixture(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tok_own")
     train_tokenizer(corpus(), path, vocab_size=VOCAB, extra_special_tokens=OWN_SPECIALS, chat_template=OWN_TEMPLATE)
     return path
 
 
-@pytest.fixture()
-def default_tok(default_tok_dir):
+@pytest.fixture(name="default_tok")
+def default_tok_fixture(default_tok_dir):
     return AutoTokenizer.from_pretrained(str(default_tok_dir))
 
 
-@pytest.fixture()
-def own_tok(own_tok_dir):
+@pytest.fixture(name="own_tok")
+def own_tok_fixture(own_tok_dir):
     return AutoTokenizer.from_pretrained(str(own_tok_dir))
 
 
@@ -126,7 +129,7 @@ def slow_preprocess(tmp: str, tok_dir: str, data_file: str, signal_file: str) ->
     """Child of the kill test: start a pretrain build whose tokenization announces itself, then hangs."""
     import time
 
-    from ironcore.data import load_tokenizer, pretrain, prepare_data
+    from ironcore.data import load_tokenizer, prepare_data, pretrain
 
     original = pretrain._blocks
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from helpers_data import trained_runs
+from helpers_data import default_tok_dir_fixture, default_tok_fixture, own_tok_dir_fixture, own_tok_fixture, trained_runs  # noqa: F401
 
 from ironcore.config import load_config
 from ironcore.data import build_train_loader, builtin_corpus, load_tokenizer, prepare_data

@@ -13,13 +13,24 @@ from pathlib import Path
 
 import datasets
 import pytest
-from helpers_data import chat_rows, default_tok_dir, make_run, own_tok_dir, spec, text_rows, write_jsonl  # noqa: F401
+from helpers_data import (  # noqa: F401
+    chat_rows,
+    default_tok_dir_fixture,
+    default_tok_fixture,
+    make_run,
+    own_tok_dir_fixture,
+    own_tok_fixture,
+    spec,
+    text_rows,
+    write_jsonl,
+)
 
 from ironcore.data import load_tokenizer, prepare_data
 from ironcore.data import prepare as prepare_module
 from ironcore.data.cache import MARKER
 
 HELPER = Path(__file__).resolve().parent / "helpers_data.py"
+PLAIN_TEMPLATE = "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
 
 
 @pytest.fixture()
@@ -63,7 +74,7 @@ def test_second_build_tokenizes_nothing_and_changes_rebuild(tmp_path, default_to
     changes = [
         dataclasses.replace(run, data=dataclasses.replace(run.data, seq_length=48)),
         make_run(tmp_path, "sft", [spec(data)], own_tok_dir, splits=(0.8, 0.2, 0.0)),
-        dataclasses.replace(run, data=dataclasses.replace(run.data, chat_template="{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}")),
+        dataclasses.replace(run, data=dataclasses.replace(run.data, chat_template=PLAIN_TEMPLATE)),
     ]
     for n, changed in enumerate(changes, start=2):
         calls.update(map=0, load=0)

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import yaml
-from helpers_data import chat_rows, default_tok_dir, write_jsonl  # noqa: F401
+from helpers_data import (  # noqa: F401
+    chat_rows,
+    default_tok_dir_fixture,
+    default_tok_fixture,
+    own_tok_dir_fixture,
+    own_tok_fixture,
+    write_jsonl,
+)
 
 from ironcore.cli import main
 

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from helpers_data import default_tok_dir, make_run, spec, trained_runs, write_jsonl  # noqa: F401
+from helpers_data import (  # noqa: F401
+    default_tok_dir_fixture,
+    default_tok_fixture,
+    make_run,
+    own_tok_dir_fixture,
+    own_tok_fixture,
+    spec,
+    trained_runs,
+    write_jsonl,
+)
 
 from ironcore.data import build_train_loader, load_tokenizer, prepare_data
 from ironcore.errors import DataError

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import datasets
 import pytest
 import torch
-from helpers_data import default_tok, default_tok_dir, make_run  # noqa: F401
+from helpers_data import default_tok_dir_fixture, default_tok_fixture, make_run, own_tok_dir_fixture, own_tok_fixture  # noqa: F401
 
 from ironcore.data import build_eval_loader, build_train_loader
 from ironcore.errors import DataError
@@ -88,3 +89,17 @@ def test_eval_loader_is_finite_deterministic_and_split_over_ranks(tmp_path, defa
     again = list(build_eval_loader(rows, run, rank=0, world_size=2, max_samples=21, tokenizer=default_tok))
     assert same(per_rank[0], again)
     assert list(build_eval_loader(None, run, rank=0, world_size=1, max_samples=5, tokenizer=default_tok)) == []
+
+
+def test_epochs_hold_whole_optimizer_steps(tmp_path, default_tok_dir, default_tok, rows):
+    """Rows per optimizer step do not depend on how train_batch_size splits into micro-batches."""
+    def step_rows(micro: int) -> list[set[int]]:
+        run = make_run(tmp_path, "pretrain", [], default_tok_dir, seq_length=3, micro_batch_size=micro)
+        run = replace(run, trainer=replace(run.trainer, train_batch_size=12))
+        loader = build_train_loader(rows, run, rank=0, world_size=1, tokenizer=default_tok)
+        ids = [i for batch in take(loader, 60 // micro) for i in batch["sample_ids"].tolist()]
+        return [set(ids[k : k + 12]) for k in range(0, len(ids), 12)]
+
+    small, large = step_rows(3), step_rows(6)
+    assert small == large
+    assert len(small) == 5 and len(set().union(*small[:4])) == 48  # epoch 0: 4 whole steps, 2 rows left out

@@ -6,7 +6,16 @@ from collections import Counter
 
 import datasets
 import pytest
-from helpers_data import default_tok, default_tok_dir, make_run, spec, text_rows, write_jsonl  # noqa: F401
+from helpers_data import (  # noqa: F401
+    default_tok_dir_fixture,
+    default_tok_fixture,
+    make_run,
+    own_tok_dir_fixture,
+    own_tok_fixture,
+    spec,
+    text_rows,
+    write_jsonl,
+)
 
 from ironcore.data import build_train_loader, load_tokenizer, prepare_data
 from ironcore.data.mixing import mix

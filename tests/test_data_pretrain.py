@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import itertools
 
-from helpers_data import default_tok_dir, make_run, spec, text_rows, write_jsonl  # noqa: F401
+from helpers_data import (  # noqa: F401
+    default_tok_dir_fixture,
+    default_tok_fixture,
+    make_run,
+    own_tok_dir_fixture,
+    own_tok_fixture,
+    spec,
+    text_rows,
+    write_jsonl,
+)
 
 from ironcore.data import build_train_loader, load_tokenizer, prepare_data
 
@@ -38,7 +47,7 @@ def test_reset_position_ids_restart_after_each_eos(tmp_path, default_tok_dir):
     eos = tokenizer.eos_token_id
     for ids, positions in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist()):
         expected, p = [], 0
-        for k, token in enumerate(ids):
+        for token in ids:
             expected.append(p)
             p = 0 if token == eos else p + 1
         assert positions == expected

@@ -10,11 +10,11 @@ from helpers_data import (  # noqa: F401
     CONVERSATION,
     OWN_TEMPLATE,
     chat_rows,
-    default_tok,
-    default_tok_dir,
+    default_tok_dir_fixture,
+    default_tok_fixture,
     make_run,
-    own_tok,
-    own_tok_dir,
+    own_tok_dir_fixture,
+    own_tok_fixture,
     spec,
     trained_runs,
     write_jsonl,
@@ -196,7 +196,8 @@ def test_packed_logits_equal_unpacked_logits(tmp_path, default_tok_dir):
 
 def test_padding_with_eos_keeps_trained_eos(tmp_path, default_tok_dir):
     """pad_token_id -1 pads with EOS; pad positions get label -100, the real trained EOS keeps its label."""
-    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * (1 + 5 * i)}]} for i in range(4)]
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * (1 + 5 * i)}]}
+            for i in range(4)]
     run = make_run(tmp_path, "sft", [spec(write_jsonl(tmp_path / "c.jsonl", rows))], default_tok_dir, pad_to_max_length=True)
     tokenizer = load_tokenizer(run)
     prepared = prepare_data(run, tokenizer)
@@ -209,3 +210,16 @@ def test_padding_with_eos_keeps_trained_eos(tmp_path, default_tok_dir):
         assert (batch["input_ids"][b, n:] == eos).all() and (batch["labels"][b, n:] == IGNORE_INDEX).all()
         last_trained = int((batch["labels"][b] != IGNORE_INDEX).nonzero().max())
         assert batch["labels"][b, last_trained] == eos and last_trained < n
+
+
+def test_templates_that_reject_rows_or_are_not_prefix_stable(tmp_path, own_tok_dir):
+    rows = chat_rows(4) + [{"messages": [{"role": "system", "content": "s"}, *chat_rows(1)[0]["messages"]]}]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    no_system = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}" + OWN_TEMPLATE
+    run = make_run(tmp_path, "sft", [spec(path)], own_tok_dir, chat_template=no_system)
+    prepared = prepare_data(run, load_tokenizer(run))
+    assert prepared.stats["datasets"]["c"]["status"] == {"ok": 4, "template_error": 1}
+    counting = "{{ messages | length }}" + OWN_TEMPLATE
+    run = make_run(tmp_path, "sft", [spec(path)], own_tok_dir, chat_template=counting)
+    with pytest.raises(DataError, match=r"'c': the chat template renders a conversation's beginning differently"):
+        prepare_data(run, load_tokenizer(run))

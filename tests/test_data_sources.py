@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import datasets
 import pytest
-from helpers_data import chat_rows, default_tok_dir, make_run, spec, text_rows, write_jsonl  # noqa: F401
+from helpers_data import (  # noqa: F401
+    chat_rows,
+    default_tok_dir_fixture,
+    default_tok_fixture,
+    make_run,
+    own_tok_dir_fixture,
+    own_tok_fixture,
+    spec,
+    text_rows,
+    write_jsonl,
+)
 
 from ironcore.data import load_tokenizer, prepare_data
 from ironcore.data.sources import load_source

@@ -7,11 +7,21 @@ from dataclasses import replace
 
 import pytest
 import yaml
-from helpers_data import chat_rows, corpus, default_tok_dir, make_run, write_jsonl  # noqa: F401
+from helpers_data import (  # noqa: F401
+    chat_rows,
+    corpus,
+    default_tok_dir_fixture,
+    default_tok_fixture,
+    make_run,
+    own_tok_dir_fixture,
+    own_tok_fixture,
+    write_jsonl,
+)
 from transformers import AutoTokenizer
 
 from ironcore.cli import main
-from ironcore.data import load_tokenizer, tokenizer as tokenizer_module
+from ironcore.data import load_tokenizer
+from ironcore.data import tokenizer as tokenizer_module
 from ironcore.data.tokenizer import BUILTIN_VOCAB_SIZE, DEFAULT_CHAT_TEMPLATE, tokenizer_fingerprint
 from ironcore.errors import ConfigError, DataError
 

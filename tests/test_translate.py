@@ -23,7 +23,6 @@ from ironcore.config.schema import (
     DataConfig,
     ModelConfig,
     OperationConfig,
-    OptimConfig,
     ParallelConfig,
     PositionalEmbeddingConfig,
     RunConfig,
@@ -120,7 +119,7 @@ def test_mixed_precision_follows_model_precision(precision, expected):
 
 
 def test_batch_plan_derives_the_missing_size():
-    env = replace(CPU_LAUNCHED_2)
+    env = CPU_LAUNCHED_2
     plan = batch_plan(make_run(trainer={"micro_batch_size": 4, "train_batch_size": 480}), env)
     assert (plan.gradient_accumulation_steps, plan.data_parallel_size, plan.global_batch_size) == (60, 2, 480)
     assert plan.tokens_per_step == 480 * 32
@@ -131,9 +130,9 @@ def test_batch_plan_derives_the_missing_size():
 
 def test_batch_plan_rejects_inconsistent_sizes_showing_the_arithmetic():
     bad = make_run(trainer={"micro_batch_size": 4, "train_batch_size": 480, "gradient_accumulation_steps": 60})
-    with pytest.raises(ConfigError, match=r"trainer.train_batch_size=480 != .* 4 x 60 x 1 = 240"):
+    with pytest.raises(ConfigError, match=r"trainer.train_batch_size: 480 != micro_batch_size 4 x gradient_accumulation_steps 60 x dp_size 1 .* = 240"):
         batch_plan(bad, LaunchEnv())
-    with pytest.raises(ConfigError, match=r"not a multiple of .* 4 x 2 = 8"):
+    with pytest.raises(ConfigError, match=r"not a multiple of micro_batch_size 4 x dp_size 2 = 8"):
         batch_plan(make_run(trainer={"micro_batch_size": 4, "train_batch_size": 12}), CPU_LAUNCHED_2)
 
 
@@ -181,7 +180,8 @@ def test_project_and_logging_dirs():
     kwargs = accelerator_kwargs(make_run(trainer={"model_path": "out/r"}, utils={"tensorboard_dir": "tb"}), CPU)
     assert kwargs["project_config"].project_dir == "out/r"
     assert kwargs["project_config"].logging_dir == "tb"
-    assert accelerator_kwargs(make_run(trainer={"model_path": "out/r"}), CPU)["project_config"].logging_dir == "out/r/logs"
+    default = accelerator_kwargs(make_run(trainer={"model_path": "out/r"}), CPU)["project_config"]
+    assert default.logging_dir == "out/r/logs"
 
 
 # ---------------------------------------------------------------- trackers
@@ -191,7 +191,10 @@ def test_trackers_are_enabled_by_their_fields_plus_utils_trackers():
     assert trackers(make_run()) == []
     run = make_run(
         utils=UtilsConfig(
-            tensorboard_dir="tb", mlflow_tracking_uri="sqlite:///m.db", wandb_project="p", trackers=("tensorboard", "wandb")
+            tensorboard_dir="tb",
+            mlflow_tracking_uri="sqlite:///m.db",
+            wandb_project="p",
+            trackers=("tensorboard", "wandb"),
         )
     )
     assert trackers(run) == ["tensorboard", "mlflow", "wandb"]
@@ -204,7 +207,8 @@ def test_mlflow_uri_and_experiment_are_passed_through_the_environment():
         utils={"mlflow_tracking_uri": "sqlite:///x.db", "mlflow_experiment_name": "exp"},
     )
     assert tracker_environ(run) == {"MLFLOW_TRACKING_URI": "sqlite:///x.db", "MLFLOW_EXPERIMENT_NAME": "exp"}
-    assert tracker_environ(make_run(utils={"mlflow_tracking_uri": "file:/tmp/mlruns"}))["MLFLOW_ALLOW_FILE_STORE"] == "true"
+    file_store = tracker_environ(make_run(utils={"mlflow_tracking_uri": "file:/tmp/mlruns"}))
+    assert file_store["MLFLOW_ALLOW_FILE_STORE"] == "true"
     assert tracker_project_name(run) == "m"
     init_kwargs = tracker_init_kwargs(run)
     assert init_kwargs["mlflow"] == {"run_name": "m", "logging_dir": str((Path("out/m") / "mlflow").resolve())}
@@ -394,9 +398,11 @@ def test_fsdp_on_a_machine_without_cuda_is_an_error(fresh_accelerate):
 
 
 def test_unsupported_settings_are_one_line_errors_naming_the_field():
-    pp = _one_line_error(make_run(trainer={"pipeline_model_parallel_size": 2}), GPU_NODE_8, "trainer.pipeline_model_parallel_size=2")
+    pp_run = make_run(trainer={"pipeline_model_parallel_size": 2})
+    pp = _one_line_error(pp_run, GPU_NODE_8, "trainer.pipeline_model_parallel_size=2")
     assert "use_fsdp" in pp and "zero3" in pp
-    tp = _one_line_error(make_run(trainer={"tensor_model_parallel_size": 2}), CPU, "trainer.tensor_model_parallel_size=2")
+    tp_run = make_run(trainer={"tensor_model_parallel_size": 2})
+    tp = _one_line_error(tp_run, CPU, "trainer.tensor_model_parallel_size=2")
     assert "tp_plan" in tp and "no CUDA" in tp
     both = make_run(parallel={"use_fsdp": True, "deepspeed_config": "zero3"})
     _one_line_error(both, GPU_NODE_8, "parallel.use_fsdp and parallel.deepspeed_config")
@@ -478,7 +484,8 @@ def _run_script(tmp_path, argv_prefix, preset):
 def _launch(tmp_path, preset, world_size):
     run = make_run(parallel={"deepspeed_config": None if preset == "none" else preset})
     config = write_accelerate_config(run, tmp_path / "accelerate.yaml", world_size)
-    return _run_script(tmp_path, [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)], preset)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    return _run_script(tmp_path, launcher, preset)
 
 
 def test_accelerate_launch_single_process(tmp_path):
@@ -577,7 +584,8 @@ def test_flops_per_token_is_palm_6n_plus_attention():
 
 
 def test_memory_estimate_follows_sharding_and_recompute():
-    run = make_run(model=replace(GPT2_SMALL, precision="float32"), data={"vocab_size": 50257}, trainer={"micro_batch_size": 4})
+    model = replace(GPT2_SMALL, precision="float32")
+    run = make_run(model=model, data={"vocab_size": 50257}, trainer={"micro_batch_size": 4})
     params = count_parameters(run.model, 50257, 128)
     ddp = estimate_memory(run, params, Sharding(), 1024)
     assert ddp["weights"] + ddp["gradients"] + ddp["optimizer"] == 16 * params.total
@@ -592,7 +600,8 @@ def test_memory_estimate_follows_sharding_and_recompute():
         replace(run, operation=OperationConfig(activation_recompute=True, recompute_strategy="optimized")),
         params, Sharding(), 1024,
     )["activations"]
-    recompute = estimate_memory(replace(run, operation=OperationConfig(activation_recompute=True)), params, Sharding(), 1024)
+    full_recompute = replace(run, operation=OperationConfig(activation_recompute=True))
+    recompute = estimate_memory(full_recompute, params, Sharding(), 1024)
     assert recompute["activations"] < selective < full
     # Korthikanti et al.: s b h (34 + 5 a s / h) per layer at 2 bytes; this run is fp32 (x2)
     assert full == int(12 * 1024 * 4 * 768 * (34 + 5 * 12 * 1024 / 768) * 2)
@@ -617,3 +626,9 @@ def test_explain_is_json_and_shows_the_launch():
     assert fsdp["estimate"]["sharding"]["engine"] == "fsdp"
     with pytest.raises(ConfigError, match="tensor_model_parallel_size"):
         explain(make_run(trainer={"tensor_model_parallel_size": 2}), CPU)
+
+
+def test_torch_compile_maps_to_accelerate_dynamo():
+    """trainer.torch_compile hands compilation to Accelerate (TorchInductor at prepare time)."""
+    assert accelerator_settings(make_run(trainer={"torch_compile": True}), CPU)["dynamo_backend"] == "inductor"
+    assert accelerator_settings(make_run(), CPU)["dynamo_backend"] == "no"

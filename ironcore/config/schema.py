@@ -65,6 +65,12 @@ class TrainerConfig:
     peak_tflops: float | None = option(
         None, "Peak device TFLOP/s used as the MFU denominator (None: looked up or measured)", gt=0, added=True
     )
+    log_sample_ids: bool = option(
+        False,
+        "Data-order audit: append each optimizer step's global sample ids (gathered across ranks) to "
+        "`<run dir>/samples.jsonl`",
+        added=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,9 @@ class DataConfig:
         added=True,
     )
     num_workers: int = option(1, "Processes used to tokenize", ge=1, added=True)
-    pack_sequences: bool = option(False, "SFT/pretrain: pack several samples per row, positions restart per sample", added=True)
+    pack_sequences: bool = option(
+        False, "SFT: pack several samples per row, positions restart per sample (pretrain rows are always packed)", added=True
+    )
     reset_position_ids: bool = option(False, "Pretrain: restart position ids at each document", added=True)
     truncation: Literal["truncate", "drop"] = option(
         "truncate", "SFT/DPO samples longer than seq_length are truncated or dropped (counted either way)", added=True

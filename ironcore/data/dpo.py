@@ -22,7 +22,7 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from ironcore.config.schema import DatasetSpec
-from ironcore.data.sft import TOKEN_FEATURE, Status, encode_chats, fit_length, has_assistant_reply, to_messages
+from ironcore.data.sft import TOKEN_FEATURE, Status, encode_rows, fit_length, has_assistant_reply, to_messages
 from ironcore.data.sources import is_json, is_messages, is_string, require_column
 from ironcore.errors import DataError
 
@@ -104,7 +104,7 @@ def _dpo_batch(batch, indices, *, tokenizer, template, columns, seq_length, trun
         pairs.append(pair_messages(prompt, batch[chosen_col][k], batch[rejected_col][k], f"{label} row {row}"))
     todo = [k for k, p in enumerate(pairs) if not isinstance(p, Status)]
     chats = [pairs[k][side] for k in todo for side in (0, 1)]
-    flat = encode_chats(chats, tokenizer, template, last_turn_only=True) if chats else []
+    flat = encode_rows(chats, tokenizer, template, label=label, last_turn_only=True)
     encoded = {k: (flat[2 * n], flat[2 * n + 1]) for n, k in enumerate(todo)}
     keys = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
     out = {key: [] for key in (*keys, "status")}

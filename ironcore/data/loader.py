@@ -3,10 +3,13 @@
 Order: epoch e visits the training rows in `np.random.default_rng([seed, e]).permutation(n)`. Each
 micro-step consumes one global micro-batch of `micro_batch_size * world_size` consecutive rows of that
 order; rank r takes the r-th slice of `micro_batch_size` rows, so ranks see disjoint rows. The rows
-left over at the end of an epoch (fewer than a global micro-batch) are skipped, and the next epoch
-starts. The position is (epoch, cursor) with the cursor counted in global rows, so `state_dict()` is
-the same on every rank, and restoring it (even with another world size) continues with exactly the
-rows that come next, without reading the consumed ones. `sample_ids` are row indices of the dataset.
+left over at the end of an epoch (fewer than one optimizer step's global batch, `train_batch_size`)
+are skipped, and the next epoch starts: epochs hold whole optimizer steps, so step k trains on the same
+rows whatever the split into micro-batch x processes x accumulation (1 process x 2 accumulation steps
+and 2 processes x 1 see the same set). The position is (epoch, cursor) with the cursor counted in
+global rows, so `state_dict()` is the same on every rank, and restoring it (even with another world
+size) continues with exactly the rows that come next, without reading the consumed ones.
+`sample_ids` are row indices of the dataset.
 """
 
 from __future__ import annotations
@@ -59,21 +62,26 @@ class TrainLoader:
         world_size: int,
         seed: int,
         num_workers: int = 0,
+        samples_per_step: int | None = None,
     ):
         self.dataset, self.collate = dataset, collate
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.seed, self.num_workers = seed, num_workers
         self.global_batch = micro_batch_size * world_size
-        if len(dataset) < self.global_batch:
+        step_batch = samples_per_step or self.global_batch
+        if step_batch % self.global_batch:
+            raise ValueError(f"samples_per_step={step_batch} is not a multiple of micro_batch_size x world_size")
+        if len(dataset) < step_batch:
             raise DataError(
                 f"the training data has {len(dataset)} rows, fewer than one global micro-batch "
-                f"({micro_batch_size} x {world_size} ranks)"
+                f"({micro_batch_size} x {world_size} ranks) x {step_batch // self.global_batch} accumulation steps"
             )
+        self.usable = len(dataset) // step_batch * step_batch  # rows per epoch: whole optimizer steps only
         self.epoch, self.cursor = 0, 0
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.dataset) // self.global_batch
+        return self.usable // self.global_batch
 
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
@@ -81,7 +89,7 @@ class TrainLoader:
     def _index_batches(self, epoch: int, cursor: int) -> Iterator[list[int]]:
         while True:
             order = self._order(epoch)
-            while cursor + self.global_batch <= len(order):
+            while cursor + self.global_batch <= self.usable:
                 start = cursor + self.rank * self.micro_batch_size
                 yield order[start : start + self.micro_batch_size].tolist()
                 cursor += self.global_batch
@@ -89,7 +97,7 @@ class TrainLoader:
 
     def _advance(self) -> None:
         self.cursor += self.global_batch
-        if self.cursor + self.global_batch > len(self.dataset):
+        if self.cursor + self.global_batch > self.usable:
             self.epoch, self.cursor = self.epoch + 1, 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -114,7 +122,7 @@ class TrainLoader:
                 f"but this run has {len(self.dataset)} rows with seed {self.seed}; the data or its mixture changed"
             )
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        if self.cursor + self.global_batch > len(self.dataset):
+        if self.cursor + self.global_batch > self.usable:
             self.epoch, self.cursor = self.epoch + 1, 0
 
 
@@ -173,6 +181,7 @@ def build_train_loader(
         world_size=world_size,
         seed=run.init.seed,
         num_workers=run.trainer.num_workers,
+        samples_per_step=run.trainer.train_batch_size,
     )
 
 

@@ -45,7 +45,8 @@ def mix(parts: list[datasets.Dataset], ratios: list[float], names: list[str], *,
     mixed = datasets.interleave_datasets(
         [parts[i] for i in keep], probabilities=probabilities, seed=seed, stopping_strategy="all_exhausted"
     )
-    logger.info("Mixed %s into %d training rows", ", ".join(f"{names[i]} {p:.1%}" for i, p in zip(keep, probabilities)), len(mixed))
+    shares = ", ".join(f"{names[i]} {p:.1%}" for i, p in zip(keep, probabilities))
+    logger.info("Mixed %s into %d training rows", shares, len(mixed))
     return mixed
 
 

@@ -6,9 +6,10 @@ everything that changes the rows: the entry's fields (except `name` and `ratio`)
 size, mtime) or Hub name or the built-in corpus version, the tokenizer (its serialized content,
 special tokens and chat template), `seq_length`, the task, the split ratios, and for SFT/DPO the
 truncation rule and packing, and for pretrain `num_workers` (each worker cuts blocks from its own
-contiguous shard of documents, so the worker count moves block boundaries). A later run (or `ironcore preprocess`) with the same inputs loads the
-folders and tokenizes nothing; any change builds a new entry. Mixing (`mixing.mix`) happens after
-loading, so changing a ratio or the seed never re-tokenizes.
+contiguous shard of documents, so the worker count moves block boundaries). A later run (or
+`ironcore preprocess`) with the same inputs loads the folders and tokenizes nothing; any change
+builds a new entry. Mixing (`mixing.mix`) happens after loading, so changing a ratio or the seed
+never re-tokenizes.
 
 Splits: every training entry is split into train / eval / test rows by `data.splits` (normalised),
 with a fixed seed (`SPLIT_SEED`, independent of `init.seed`, so held-out rows stay the same across
@@ -222,15 +223,7 @@ class _Context:
         work.mkdir()
         num_proc = self.run.data.num_workers if self.run.data.num_workers > 1 else None
         if self.task == "pretrain":
-            pretrain.check_pretrain_columns(raw, spec, label)
-            parts = {
-                split: pretrain.tokenize_pretrain(raw.select(rows), self.tokenizer, spec=spec, seq_length=self.seq_length,
-                                                  num_proc=num_proc, label=label, cache_file=str(work / f"{split}.arrow"))
-                for split, rows in split_rows(len(raw), fractions, label).items()
-            }
-            if len(next(iter(parts.values()))) == 0:
-                raise DataError(f"{label}: no rows left after filtering: the documents hold fewer tokens than one block of {self.seq_length}")
-            counts = {"documents": len(raw)}
+            parts, counts = self._blocks(raw, spec, label, fractions, num_proc, work)
         else:
             parts, counts = self._samples(raw, spec, label, fractions, num_proc, work)
         for split, ds in parts.items():
@@ -238,9 +231,22 @@ class _Context:
         names = list(parts)
         del parts
         shutil.rmtree(work)
-        splits = {split: split_stats(datasets.load_from_disk(str(tmp / split)), self.seq_length, self.task) for split in names}
+        splits = {s: split_stats(datasets.load_from_disk(str(tmp / s)), self.seq_length, self.task) for s in names}
         return {"name": name, "label": label, "dataset_path": spec.dataset_path, "task": self.task,
                 "rows_in": len(raw), "status": counts, "splits": splits}
+
+    def _blocks(self, raw, spec, label, fractions, num_proc, work: Path):
+        """Pretrain: split documents, then tokenize and cut each split into blocks."""
+        pretrain.check_pretrain_columns(raw, spec, label)
+        parts = {
+            split: pretrain.tokenize_pretrain(raw.select(rows), self.tokenizer, spec=spec, seq_length=self.seq_length,
+                                              num_proc=num_proc, label=label, cache_file=str(work / f"{split}.arrow"))
+            for split, rows in split_rows(len(raw), fractions, label).items()
+        }
+        if len(next(iter(parts.values()))) == 0:
+            raise DataError(f"{label}: no rows left after filtering: the documents hold fewer tokens "
+                            f"than one block of {self.seq_length}")
+        return parts, {"documents": len(raw)}
 
     def _samples(self, raw, spec, label, fractions, num_proc, work: Path):
         """SFT / DPO: tokenize every row, drop skipped ones (counted), split, pack (SFT, if asked)."""
@@ -268,8 +274,10 @@ def _is_kept(statuses: list[int]) -> list[bool]:
 def split_stats(ds: datasets.Dataset, seq_length: int, task: str) -> dict:
     """Rows, tokens, trained tokens, lengths and fill (tokens / (rows * seq_length)) of a cached split."""
     if task == "dpo":
-        return {"rows": len(ds), **{side: _token_stats(ds, f"{side}_input_ids", f"{side}_labels", seq_length) for side in dpo.SIDES}}
-    return {"rows": len(ds), **_token_stats(ds, "input_ids", "labels" if "labels" in ds.column_names else None, seq_length)}
+        sides = {side: _token_stats(ds, f"{side}_input_ids", f"{side}_labels", seq_length) for side in dpo.SIDES}
+        return {"rows": len(ds), **sides}
+    labels = "labels" if "labels" in ds.column_names else None
+    return {"rows": len(ds), **_token_stats(ds, "input_ids", labels, seq_length)}
 
 
 def _token_stats(ds: datasets.Dataset, ids: str, labels: str | None, seq_length: int) -> dict:

@@ -121,6 +121,16 @@ def encode_chats(
     return out
 
 
+def encode_rows(chats, tokenizer, template: str, *, label: str, last_turn_only: bool = False) -> list:
+    """`encode_chats` for the rows of one dataset entry ([] for none), naming the entry in a template error."""
+    if not chats:
+        return []
+    try:
+        return encode_chats(chats, tokenizer, template, last_turn_only=last_turn_only)
+    except DataError as err:
+        raise DataError(f"{label}: {err}") from None
+
+
 def _encode(chats, tokenizer, template) -> list[tuple[list[int], list[int]]]:
     if _GENERATION_TAG.search(template):
         return generation_masks(chats, tokenizer, template)
@@ -259,7 +269,7 @@ def outcome(conversation, encoded, seq_length: int, truncation: str) -> tuple[St
 def _sft_batch(batch, indices, *, tokenizer, template, columns, seq_length, truncation, label):
     conversations = [row_messages(batch, k, columns, f"{label} row {row}") for k, row in enumerate(indices)]
     todo = [k for k, c in enumerate(conversations) if not isinstance(c, Status)]
-    encoded = dict(zip(todo, encode_chats([conversations[k] for k in todo], tokenizer, template))) if todo else {}
+    encoded = dict(zip(todo, encode_rows([conversations[k] for k in todo], tokenizer, template, label=label)))
     out = {"input_ids": [], "labels": [], "status": []}
     for k, conversation in enumerate(conversations):
         status, ids, labels = outcome(conversation, encoded.get(k), seq_length, truncation)

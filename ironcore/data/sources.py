@@ -44,7 +44,8 @@ def builtin_kind(spec: DatasetSpec, task: str) -> str | None:
         return None
     kind = path.partition(":")[2] or task
     if kind not in builtin_corpus.KINDS:
-        raise ConfigError(f"dataset_path '{path}' is not one of builtin, " + ", ".join(f"builtin:{k}" for k in builtin_corpus.KINDS))
+        choices = ", ".join(f"builtin:{k}" for k in builtin_corpus.KINDS)
+        raise ConfigError(f"dataset_path '{path}' is not one of builtin, {choices}")
     return kind
 
 
@@ -115,8 +116,9 @@ def _load_files(files: list[Path], spec: DatasetSpec, cache_dir: str | None, lab
     builder = _builder(files, label)
     if all(f.stat().st_size == 0 for f in files):
         raise DataError(f"{label}: {', '.join(map(str, files))} is empty")
+    data_files = {"train": [str(f) for f in files]}
     try:
-        return datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, split=spec.split, cache_dir=cache_dir)
+        return datasets.load_dataset(builder, data_files=data_files, split=spec.split, cache_dir=cache_dir)
     except DatasetGenerationError as err:
         if builder == "json":
             _raise_bad_json_line(files, label)
@@ -130,7 +132,8 @@ def _load_folder(folder: Path, spec: DatasetSpec, cache_dir: str | None, label: 
         loaded = datasets.load_from_disk(str(folder))
         if isinstance(loaded, datasets.DatasetDict):
             if spec.split not in loaded:
-                raise DataError(f"{label}: split '{spec.split}' does not exist in {folder}; available splits: {', '.join(loaded)}")
+                names = ", ".join(loaded)
+                raise DataError(f"{label}: split '{spec.split}' does not exist in {folder}; available splits: {names}")
             return loaded[spec.split]
         return loaded
     files = [f for f in local_files(str(folder)) or [] if _format_of(f)]

@@ -110,7 +110,9 @@ def load_pretrained_tokenizer(name: str, field: str = "model.vocab_name_or_path"
         return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name)
     except (OSError, ValueError) as err:
         if path.is_dir():
-            raise DataError(f"{path} ({field}) holds no loadable tokenizer (tokenizer.json / tokenizer_config.json): {_first_line(err)}") from None
+            raise DataError(
+                f"{path} ({field}) holds no loadable tokenizer (tokenizer.json / tokenizer_config.json): {_first_line(err)}"
+            ) from None
         if _offline() or "connect" in str(err).lower():
             raise DataError(
                 f"tokenizer '{name}' ({field}) is not a local directory and IronCore cannot reach the Hub; give a local path"

@@ -1,0 +1,165 @@
+"""Exact resume end to end through `ironcore train` on one CPU process (issue #6).
+
+Every run is a real subprocess on the tiny fp32 model (helpers_dist). The uninterrupted reference trains
+6 optimizer steps of 4 rows x 2 accumulation steps; the interrupted runs are stopped by SIGKILL inside
+a checkpoint save and inside an optimizer step (test-only hooks in the helpers_dist wrapper), or by
+operation.exit_interval, then relaunched on the same run directory. Per-step losses (metrics.jsonl, the
+last record of a step wins) and per-step sample ids (trainer.log_sample_ids) must equal the reference
+bitwise. Runs are launched once per module and read by several tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers_dist import (
+    BASELINE, SFT, STEPS, baseline_run, checkpoints, latest, losses, read_jsonl, run, run_until_signal, samples,
+)
+
+from ironcore.checkpoint import check_compatible
+from ironcore.config.schema import DataConfig, ModelConfig, RunConfig, TrainerConfig
+from ironcore.errors import CheckpointError
+from ironcore.train import RESUME_IGNORED_MODEL_FIELDS, checkpoint_model_config
+
+SFT_RUN = [*SFT, f"operation.train_steps={STEPS}", "trainer.micro_batch_size=4",
+           "trainer.gradient_accumulation_steps=2", "trainer.save_checkpoint_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> Path:
+    return baseline_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory) -> dict:
+    """Killed inside the save of step 4, relaunched and killed inside step 5, relaunched to the end."""
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
+    run_until_signal(run_dir, BASELINE, {"IRONCORE_TEST_HANG_IN_SAVE": "4"})
+    after_save_kill = {
+        "checkpoints": checkpoints(run_dir), "latest": latest(run_dir),
+        "tmp": sorted(p.name for p in (run_dir / "checkpoints").glob(".tmp-*")),
+        "records": len(read_jsonl(run_dir / "metrics.jsonl")),
+    }
+    run_until_signal(run_dir, BASELINE, {"IRONCORE_TEST_HANG_MID_STEP": "5"})
+    after_step_kill = {
+        "checkpoints": checkpoints(run_dir), "latest": latest(run_dir),
+        "tmp": sorted(p.name for p in (run_dir / "checkpoints").glob(".tmp-*")),
+        "records": read_jsonl(run_dir / "metrics.jsonl"),
+    }
+    run(run_dir, BASELINE)
+    return {"run_dir": run_dir, "after_save_kill": after_save_kill, "after_step_kill": after_step_kill}
+
+
+def copy_of(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "export")
+    return dst
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def test_sigkill_inside_a_save_leaves_the_previous_checkpoint_latest(killed):
+    state = killed["after_save_kill"]
+    assert state["checkpoints"] == ["step_2"] and state["latest"] == "step_2"
+    assert state["tmp"] == [".tmp-step_4"]  # the killed save never got a step_* name
+
+
+def test_relaunch_after_a_killed_save_resumes_from_the_last_complete_checkpoint(killed):
+    state = killed["after_step_kill"]
+    resumed_records = state["records"][killed["after_save_kill"]["records"]:]
+    assert [r["step"] for r in resumed_records if "loss" in r] == [3, 4]  # step 2's checkpoint, not a fresh start
+    assert state["checkpoints"] == ["step_2", "step_4"] and state["latest"] == "step_4"
+    assert state["tmp"] == []  # the next save removed what the killed one left
+
+
+def test_killed_twice_then_finished_equals_the_uninterrupted_run_bitwise(killed, baseline):
+    run_dir = killed["run_dir"]
+    assert losses(run_dir) == losses(baseline)
+    assert samples(run_dir) == samples(baseline)
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+
+
+def test_sample_ids_are_the_global_batch_of_each_step(baseline):
+    steps = samples(baseline)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    ids = [i for step in steps.values() for i in step]
+    assert all(len(step) == 8 for step in steps.values())  # 4 rows x 2 accumulation steps x 1 process
+    assert len(set(ids)) == len(ids)  # no row twice within the first epoch
+
+
+def test_retention_keeps_exactly_k_checkpoints(baseline):
+    assert checkpoints(baseline) == ["step_4", "step_6"] and latest(baseline) == "step_6"
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(baseline, tmp_path):
+    run_dir = copy_of(baseline, tmp_path / "run")
+    weights = run_dir / "checkpoints" / "step_6" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = len(read_jsonl(run_dir / "metrics.jsonl"))
+    result = run(run_dir, BASELINE)
+    assert "step_6" in result.output and "truncated" in result.output  # the skipped checkpoint is named
+    resumed = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")[before:] if "loss" in r]
+    assert resumed == [5, 6]
+    assert losses(run_dir) == losses(baseline)
+
+
+def test_no_usable_checkpoint_is_one_clear_error(baseline, tmp_path):
+    run_dir = copy_of(baseline, tmp_path / "run")
+    for name in ("step_4", "step_6"):
+        weights = run_dir / "checkpoints" / name / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    result = run(run_dir, BASELINE, check=False)
+    assert result.returncode == 2, result.output[-2000:]
+    assert "Traceback" not in result.output
+    [line] = error_lines(result.output)
+    assert "none is usable" in line and "step_4" in line and "step_6" in line
+
+
+def test_resume_with_another_model_is_refused_naming_the_field(baseline, tmp_path):
+    run_dir = copy_of(baseline, tmp_path / "run")
+    result = run(run_dir, [*BASELINE, "model.d_model=96", "model.dropout_attn=0.1"], check=False)
+    assert result.returncode == 2, result.output[-2000:]
+    assert "Traceback" not in result.output
+    [line] = error_lines(result.output)
+    assert "d_model (checkpoint 64, run 96)" in line
+    assert "dropout" not in line  # dropout changes no weight: never a reason to refuse
+
+
+def test_saved_model_config_holds_the_padded_vocab_and_ignores_dropout():
+    run_cfg = RunConfig(model=ModelConfig(d_model=64), data=DataConfig(vocab_size=2000),
+                        trainer=TrainerConfig(vocab_padding_unit=64))
+    saved = {"step": 4, "model_config": checkpoint_model_config(run_cfg)}
+    assert saved["model_config"]["vocab_size"] == 2048
+    other_dropout = replace(run_cfg, model=replace(run_cfg.model, dropout_attn=0.3, dropout_mlp=0.0, dropout_embd=0.2))
+    check_compatible(saved, checkpoint_model_config(other_dropout), 1, ignore=RESUME_IGNORED_MODEL_FIELDS)
+    other_vocab = replace(run_cfg, data=replace(run_cfg.data, vocab_size=2100))
+    with pytest.raises(CheckpointError, match=r"vocab_size \(checkpoint 2048, run 2112\)"):
+        check_compatible(saved, checkpoint_model_config(other_vocab), 1, ignore=RESUME_IGNORED_MODEL_FIELDS)
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """SFT with packing: uninterrupted, and stopped by operation.exit_interval at step 3 then relaunched."""
+    base = tmp_path_factory.mktemp("sft")
+    reference, stopped = base / "reference", base / "stopped"
+    run(reference, SFT_RUN, fresh=True)
+    run(stopped, [*SFT_RUN, "operation.exit_interval=3"], fresh=True)
+    assert checkpoints(stopped) == ["step_3"] and sorted(losses(stopped)) == [1, 2, 3]
+    run(stopped, SFT_RUN)
+    return reference, stopped
+
+
+def test_sft_with_packing_resumes_bitwise(sft_runs):
+    reference, stopped = sft_runs
+    config = yaml.safe_load((stopped / "config.yaml").read_text())
+    assert config["data"]["task_type"] == "sft" and config["data"]["pack_sequences"] is True
+    assert config["trainer"]["gradient_accumulation_steps"] == 2
+    assert sorted(losses(stopped)) == list(range(1, STEPS + 1))
+    assert losses(stopped) == losses(reference)
+    assert samples(stopped) == samples(reference)
