@@ -420,17 +420,20 @@ def quiet() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # One device for all three: with several GPUs visible, Trainer would wrap its model in nn.DataParallel.
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     shape = Shape(args.d_model, args.layers, args.heads, args.seq, args.batch, args.vocab, args.precision)
     batches = synthetic_batches(shape, args.warmup + args.steps)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # what build_accelerator picks
+    dtype = torch.bfloat16 if shape.bf16 else torch.float32
     best: dict[str, Result] = {}
     with quiet(), tempfile.TemporaryDirectory(prefix="ironcore-bench-") as tmp:
+        peak = peak_flops(device, dtype)  # before any model exists: on CPU it times a matmul
         for _ in range(args.repeat):
             for result in compare(shape, batches, args.warmup, Path(tmp)):
                 if result.implementation not in best or result.ms_per_step < best[result.implementation].ms_per_step:
                     best[result.implementation] = result
-        device, vocab_size = best["ironcore"].device, best["ironcore"].vocab_size
-        dtype = torch.bfloat16 if shape.bf16 else torch.float32
-        peak = peak_flops(device, dtype)
+    device, vocab_size = best["ironcore"].device, best["ironcore"].vocab_size
     results = list(best.values())
     plain = best["plain_pytorch"]
     for r in results:

@@ -118,8 +118,9 @@ def measure_matmul_flops(device: str, dtype: torch.dtype) -> float:
 
     The best of several single-call timings (about 0.5 s of them after a warm-up), not their mean: another
     process loading the machine for a while slows some calls but rarely all of them, and a peak measured too
-    low would make MFU exceed 1. The matmul runs on torch's intra-op threads, as training does. A path whose
-    warm-up call (at n=1024) already takes over 0.5 s (e.g. fp16 matmul on CPU) is measured by that call.
+    low makes MFU exceed 1 (the training loop also raises a measured peak that its own steps beat). The matmul
+    runs on torch's intra-op threads, as training does. A path whose warm-up call (n=1024) already takes over
+    0.5 s (e.g. fp16 matmul on CPU) is measured by that call.
     """
     dev = torch.device(device)
 
@@ -141,8 +142,9 @@ def measure_matmul_flops(device: str, dtype: torch.dtype) -> float:
     (warmup,) = timings(1024, at_least=1, budget_s=0.0)
     if warmup > 0.5:
         return 2.0 * 1024**3 / warmup
-    n = 2048 if dev.type == "cpu" else 4096
-    return 2.0 * n**3 / min(timings(n, at_least=5, budget_s=0.5))
+    # the bigger size only where one call stays short (~0.2 s), so a busy machine cannot stretch this to many seconds
+    n = (2048 if warmup < 0.025 else 1024) if dev.type == "cpu" else 4096
+    return 2.0 * n**3 / min(timings(n, at_least=3, budget_s=0.5))
 
 
 def peak_flops(device: torch.device | str, dtype: torch.dtype | str, override_tflops: float | None = None) -> float:

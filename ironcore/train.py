@@ -231,6 +231,8 @@ class Loop:
         )
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[model_cfg.precision]
         self.peak = peak_flops(accelerator.device, dtype, run.trainer.peak_tflops) * accelerator.num_processes
+        # a CPU peak is a matmul benchmark, which another process loading the machine can slow down
+        self.peak_is_measured = run.trainer.peak_tflops is None and accelerator.device.type == "cpu"
         self.nonfinite_in_a_row = 0
 
     def run(self, step: int, batches: Iterator[Batch], loader) -> bool:
@@ -239,34 +241,38 @@ class Loop:
         Returns whether training reached operation.train_steps (False: stopped by operation.exit_interval)."""
         trainer, operation = self.cfg.trainer, self.cfg.operation
         progress = tqdm(total=operation.train_steps, initial=step, disable=not self.main, desc="train", dynamic_ncols=True)
-        window_start, window_tokens = time.perf_counter(), 0
-        start_step = step
-        while step < operation.train_steps:
-            micro_batches = [next(batches) for _ in range(self.accelerator.gradient_accumulation_steps)]
-            with self.profiler.step(step + 1):
-                result = self.train_step(micro_batches, step + 1)
-            if result is None:
-                continue
-            step += 1
-            if trainer.log_sample_ids:
-                self.log_samples(step, micro_batches)
-            window_tokens += result.tokens
-            progress.update(1)
-            progress.set_postfix(loss=f"{result.loss:.4f}")
-            if step % trainer.log_interval == 0 or step == operation.train_steps:
-                elapsed = time.perf_counter() - window_start
-                self.log_step(step, result, window_tokens / elapsed)
-                window_start, window_tokens = time.perf_counter(), 0
-            if trainer.do_eval and step % operation.eval_interval == 0:
-                self.evaluate("eval", self.data.eval, operation.eval_samples, step)
-            exiting = operation.exit_interval is not None and step % operation.exit_interval == 0 and step > start_step
-            if not operation.no_save and (step % trainer.save_checkpoint_steps == 0 or exiting or step == operation.train_steps):
-                self.save(step, loader, result)
-            if exiting:
-                logger.info("operation.exit_interval: stopping after step %d", step, main_process_only=True)
-                break
-        progress.close()
-        self.profiler.close()
+        try:
+            window_start, window_tokens = time.perf_counter(), 0
+            start_step = step
+            while step < operation.train_steps:
+                micro_batches = [next(batches) for _ in range(self.accelerator.gradient_accumulation_steps)]
+                with self.profiler.step(step + 1):
+                    result = self.train_step(micro_batches, step + 1)
+                if result is None:
+                    continue
+                step += 1
+                if trainer.log_sample_ids:
+                    self.log_samples(step, micro_batches)
+                window_tokens += result.tokens
+                progress.update(1)
+                progress.set_postfix(loss=f"{result.loss:.4f}")
+                if step % trainer.log_interval == 0 or step == operation.train_steps:
+                    elapsed = time.perf_counter() - window_start
+                    self.log_step(step, result, window_tokens / elapsed)
+                    window_start, window_tokens = time.perf_counter(), 0
+                if trainer.do_eval and step % operation.eval_interval == 0:
+                    self.evaluate("eval", self.data.eval, operation.eval_samples, step)
+                exit_interval = operation.exit_interval
+                exiting = exit_interval is not None and step % exit_interval == 0 and step > start_step
+                due = step % trainer.save_checkpoint_steps == 0 or exiting or step == operation.train_steps
+                if due and not operation.no_save:
+                    self.save(step, loader, result)
+                if exiting:
+                    logger.info("operation.exit_interval: stopping after step %d", step, main_process_only=True)
+                    break
+        finally:  # also on an error, so that its message starts on a line of its own and a cut window is written
+            progress.close()
+            self.profiler.close()
         return step >= operation.train_steps
 
     def train_step(self, micro_batches: list[Batch], step: int) -> StepResult | None:
@@ -331,6 +337,7 @@ class Loop:
 
     def log_step(self, step: int, result: StepResult, tokens_per_sec: float) -> None:
         trainer = self.cfg.trainer
+        self.raise_measured_peak(step, tokens_per_sec * self.flops_per_token)
         record = {"loss": result.loss, "lr": result.lr, "tokens_per_sec": tokens_per_sec,
                   "mfu": mfu(tokens_per_sec, self.flops_per_token, self.peak)}
         record.update({f"train/{k}": v for k, v in result.stats.items() if k != "loss"})
@@ -342,6 +349,15 @@ class Loop:
             record.update({f"memory/{k}": v for k, v in memory_report(self.accelerator.device).items()})
         self.record(step, record)
         logger.info("step %d | %s", step, " | ".join(f"{k} {v:.4g}" for k, v in record.items()), main_process_only=True)
+
+    def raise_measured_peak(self, step: int, achieved_flops: float) -> None:
+        """Training cannot beat the hardware: when steps ran faster than the measured peak, the benchmark was
+        slowed by other load, and the achieved rate is the better lower bound of the peak (MFU then stays <= 1)."""
+        if self.peak_is_measured and achieved_flops > self.peak:
+            logger.warning("step %d ran at %.3g TFLOP/s, above the measured peak of %.3g (the benchmark ran while the "
+                           "machine was busy); using it as the peak for MFU (set trainer.peak_tflops to fix it)",
+                           step, achieved_flops / 1e12, self.peak / 1e12, main_process_only=True)
+            self.peak = achieved_flops
 
     def log_samples(self, step: int, micro_batches: list[Batch]) -> None:
         """Data-order audit (trainer.log_sample_ids): the step's sample ids of every rank, in rank order, one

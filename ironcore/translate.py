@@ -143,40 +143,17 @@ def check_fsdp_device(run: RunConfig, env: LaunchEnv) -> None:
 
 
 def check_supported(run: RunConfig, env: LaunchEnv) -> None:
-    """Raise a one-line ConfigError for every setting this build cannot run as asked."""
-    t, p = run.trainer, run.parallel
-    if t.pipeline_model_parallel_size > 1:
-        raise ConfigError(
-            f"trainer.pipeline_model_parallel_size={t.pipeline_model_parallel_size}: pipeline parallelism is not "
-            "supported (Accelerate has no pipeline engine for custom models) - use 1 and shard the model with "
-            "parallel.use_fsdp or parallel.deepspeed_config: zero3"
-        )
-    if t.tensor_model_parallel_size > 1:
-        where = "" if env.cuda_available else "; it also needs a CUDA device mesh and this machine has no CUDA"
-        raise ConfigError(
-            f"trainer.tensor_model_parallel_size={t.tensor_model_parallel_size}: tensor parallelism is not supported "
-            "(Accelerate's ParallelismConfig(tp_size) only prepares a model already sharded by transformers' "
-            f"from_pretrained(tp_plan=...) and IronCore's model defines no tp_plan{where}) - use 1 with "
-            "parallel.use_fsdp or parallel.deepspeed_config: zero3"
-        )
-    if p.use_fsdp and p.deepspeed_config:
-        raise ConfigError(
-            f"parallel.use_fsdp and parallel.deepspeed_config={p.deepspeed_config!r} are both set - pick one engine"
-        )
+    """Raise a one-line ConfigError for settings this machine or launch cannot run as asked.
+
+    Settings no machine can run (pipeline / tensor parallelism, FSDP with DeepSpeed, FSDP2 modes that do
+    not exist) are refused earlier, when the config is loaded (`ironcore.config.resolve.check_parallel`).
+    """
+    p = run.parallel
     check_fsdp_device(run, env)
     if run.model.precision == "float16" and not env.cuda_available and not p.deepspeed_config:
         raise ConfigError(
             "model.precision=float16 needs CUDA (on CPU Accelerate does no fp16 autocast and the run would "
             "silently train in fp32) - use bfloat16 or float32"
-        )
-    if p.use_fsdp and p.fsdp_sharding_strategy == "no_shard":
-        raise ConfigError(
-            "parallel.fsdp_sharding_strategy=no_shard: FSDP2 has no NO_SHARD mode (it is plain data parallelism) "
-            "- set parallel.use_fsdp: false for DDP, or use full / hybrid"
-        )
-    if p.use_fsdp and p.fsdp_state_dict_type == "local":
-        raise ConfigError(
-            "parallel.fsdp_state_dict_type=local: FSDP2 has no LOCAL_STATE_DICT - use full or sharded"
         )
     if p.use_fsdp and p.fsdp_sharding_strategy == "hybrid" and env.world_size % env.local_world_size:
         raise ConfigError(

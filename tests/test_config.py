@@ -196,8 +196,8 @@ BAD_INPUTS = [
     ("python tag", "trainer: !!python/object:os.system {}\n", [], r"run.yaml:1: tag not allowed"),
     ("batch arithmetic", "trainer:\n  micro_batch_size: 4\n  train_batch_size: 480\n  gradient_accumulation_steps: 60\n", [],
      r"trainer.train_batch_size: 480 != micro_batch_size 4 x gradient_accumulation_steps 60 x dp_size 1 .* = 240"),
-    ("fsdp + deepspeed", "parallel:\n  use_fsdp: true\n  deepspeed_config: zero2\n", [], r"parallel.use_fsdp: FSDP and DeepSpeed .* cannot be combined"),
-    ("pipeline parallel", "trainer:\n  pipeline_model_parallel_size: 2\n", [], r"pipeline_model_parallel_size: pipeline parallelism is not supported; use FSDP .* ZeRO-3"),
+    ("fsdp + deepspeed", "parallel:\n  use_fsdp: true\n  deepspeed_config: zero2\n", [], r"parallel.use_fsdp and parallel.deepspeed_config='zero2' are both set: FSDP and DeepSpeed cannot be combined"),
+    ("pipeline parallel", "trainer:\n  pipeline_model_parallel_size: 2\n", [], r"trainer.pipeline_model_parallel_size=2: pipeline parallelism is not supported .* FSDP .* ZeRO-3"),
     ("malformed override", "", ["trainer.micro_batch_size"], r"override 'trainer.micro_batch_size': expected GROUP.FIELD=VALUE"),
     ("override unknown group", "", ["trainr.x=1"], r"unknown group 'trainr'"),
 ]

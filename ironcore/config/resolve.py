@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+import torch
+
 from ironcore.errors import ConfigError
 from ironcore.models.configuration_ironcore import validate_model_config
 from ironcore.optim import validate_schedule
@@ -112,11 +114,33 @@ def resolve_data(data: DataConfig, model: ModelConfig) -> DataConfig:
 
 
 def check_parallel(run: RunConfig) -> None:
-    """Parallelism choices that cannot work together, refused before anything starts."""
-    if run.parallel.use_fsdp and run.parallel.deepspeed_config:
-        raise ConfigError("parallel.use_fsdp: FSDP and DeepSpeed (parallel.deepspeed_config) cannot be combined; choose one")
-    if run.trainer.pipeline_model_parallel_size > 1:
+    """Parallelism settings no launch can honour, refused before anything starts."""
+    t, p = run.trainer, run.parallel
+    if t.pipeline_model_parallel_size > 1:
         raise ConfigError(
-            "trainer.pipeline_model_parallel_size: pipeline parallelism is not supported; "
-            "use FSDP (parallel.use_fsdp: true) or DeepSpeed ZeRO-3 (parallel.deepspeed_config: zero3) to fit large models"
+            f"trainer.pipeline_model_parallel_size={t.pipeline_model_parallel_size}: pipeline parallelism is not "
+            "supported (Accelerate has no pipeline engine for custom models) - use 1 and shard the model with "
+            "FSDP (parallel.use_fsdp: true) or DeepSpeed ZeRO-3 (parallel.deepspeed_config: zero3)"
         )
+    if t.tensor_model_parallel_size > 1:
+        where = "" if torch.cuda.is_available() else (
+            "; and with no CUDA here Accelerate 1.x refuses ParallelismConfig for multi-process CPU (MULTI_CPU) runs"
+        )
+        raise ConfigError(
+            f"trainer.tensor_model_parallel_size={t.tensor_model_parallel_size}: tensor parallelism is not supported "
+            "(Accelerate's ParallelismConfig(tp_size) only prepares a model already sharded by transformers' "
+            f"from_pretrained(tp_plan=...) and IronCore's model defines no tp_plan{where}) - use 1 with "
+            "parallel.use_fsdp or parallel.deepspeed_config: zero3"
+        )
+    if p.use_fsdp and p.deepspeed_config:
+        raise ConfigError(
+            f"parallel.use_fsdp and parallel.deepspeed_config={p.deepspeed_config!r} are both set: FSDP and DeepSpeed "
+            "cannot be combined - pick one engine"
+        )
+    if p.use_fsdp and p.fsdp_sharding_strategy == "no_shard":
+        raise ConfigError(
+            "parallel.fsdp_sharding_strategy=no_shard: FSDP2 has no NO_SHARD mode (it is plain data parallelism) "
+            "- set parallel.use_fsdp: false for DDP, or use full / hybrid"
+        )
+    if p.use_fsdp and p.fsdp_state_dict_type == "local":
+        raise ConfigError("parallel.fsdp_state_dict_type=local: FSDP2 has no LOCAL_STATE_DICT - use full or sharded")

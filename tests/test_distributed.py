@@ -1,0 +1,208 @@
+"""Two CPU processes end to end (issue #6): DDP parity with one process, DeepSpeed ZeRO-2/3 train-save-resume-export,
+a rank that dies or stalls, and the clear refusals (DeepSpeed world-size change, FSDP without CUDA, tensor parallelism).
+
+Every run is a real `ironcore train` subprocess on the tiny fp32 model, launched with torchrun or
+`accelerate launch --multi_gpu --num_processes 2` (helpers_dist); each is launched once and read by several tests.
+The single-process reference (6 steps of 4 rows x 2 accumulation steps) is shared with test_resume.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from helpers_dist import (
+    BASELINE, PRETRAIN, STEPS, baseline_run, checkpoints, child_env, copy_stopped_at, latest, losses, run, samples,
+)
+from safetensors.torch import load_file
+
+from ironcore.checkpoint import verify_checkpoint
+from ironcore.data.loader import TrainLoader
+
+TOL = 1e-5
+STEPS_OF = f"operation.train_steps={STEPS}"
+# Global batch 8 everywhere, as the single-process baseline's 4 rows x 2 accumulation steps.
+DDP = [*PRETRAIN, STEPS_OF, "trainer.micro_batch_size=2", "trainer.gradient_accumulation_steps=2",
+       "trainer.save_checkpoint_steps=2", "trainer.keep_last_checkpoints=2"]
+DS = [*PRETRAIN, STEPS_OF, "trainer.micro_batch_size=4", "trainer.gradient_accumulation_steps=1",
+      "trainer.save_checkpoint_steps=3"]
+FAULT = [*PRETRAIN, STEPS_OF, "trainer.micro_batch_size=4", "trainer.gradient_accumulation_steps=1",
+         "trainer.save_checkpoint_steps=2"]
+
+
+def max_diff(a: dict[int, float], b: dict[int, float]) -> float:
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    return max(abs(a[k] - b[k]) for k in a)
+
+
+def weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    shared = set(a) & set(b)
+    assert shared, (sorted(a), sorted(b))
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in shared)
+
+
+def error_lines(output: str) -> list[str]:
+    return sorted({line for line in output.splitlines() if line.startswith("error:")})
+
+
+# ---------------------------------------------------------------- the global batch does not depend on the layout
+
+
+def step_sets(micro: int, world: int, accumulation: int, steps: int, rows: int = 30) -> list[set[int]]:
+    """The rows each optimizer step trains on, over all ranks, for one layout of the same 8-row global batch."""
+    data = datasets.Dataset.from_dict({"x": list(range(rows))})
+
+    def collate(batch):
+        return {"sample_ids": torch.tensor([r["sample_id"] for r in batch])}
+
+    loaders = [iter(TrainLoader(data, collate, micro_batch_size=micro, rank=r, world_size=world, seed=7,
+                                samples_per_step=micro * world * accumulation)) for r in range(world)]
+    return [{i for it in loaders for _ in range(accumulation) for i in next(it)["sample_ids"].tolist()}
+            for _ in range(steps)]
+
+
+def test_each_step_trains_on_the_same_rows_whatever_the_layout():
+    # 30 rows hold 3 whole steps of 8: the 6 left over are skipped in every layout, so epochs line up.
+    one_process = step_sets(micro=4, world=1, accumulation=2, steps=10)
+    assert step_sets(micro=4, world=2, accumulation=1, steps=10) == one_process
+    assert step_sets(micro=2, world=2, accumulation=2, steps=10) == one_process
+    assert all(len(s) == 8 for s in one_process)
+    assert len(set().union(*one_process[:3])) == 24 and one_process[3] != one_process[0]  # epoch 2 reshuffles
+
+
+# ---------------------------------------------------------------- DDP: 2 processes = 1 process at the same global batch
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> Path:
+    return baseline_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory) -> Path:
+    """2 ranks x 2 rows x 2 accumulation steps (global batch 8, as the baseline's 1 x 4 x 2), via accelerate launch."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    run(run_dir, DDP, nproc=2, launcher="accelerate", fresh=True)
+    return run_dir
+
+
+def test_two_processes_train_on_the_same_global_batches(ddp, baseline):
+    one, two = samples(baseline), samples(ddp)
+    assert sorted(two) == list(range(1, STEPS + 1))
+    assert all(sorted(two[k]) == sorted(one[k]) for k in one)
+    assert any(two[k] != one[k] for k in one)  # same sets, gathered in another order: the ranks really split them
+
+
+def test_two_processes_match_one_process_losses(ddp, baseline):
+    assert max_diff(losses(ddp), losses(baseline)) <= TOL
+
+
+def test_ddp_export_is_the_trained_weights(ddp, baseline):
+    exported = load_file(ddp / "export" / "model.safetensors")
+    assert weight_diff(exported, load_file(ddp / "checkpoints" / "step_6" / "model.safetensors")) == 0
+    assert weight_diff(exported, load_file(baseline / "export" / "model.safetensors")) <= 1e-4
+    assert checkpoints(ddp) == ["step_4", "step_6"]
+
+
+# ---------------------------------------------------------------- DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU processes
+
+
+@pytest.fixture(scope="module", params=["zero2", "zero3"])
+def deepspeed(request, tmp_path_factory) -> tuple[str, Path, Path]:
+    """6 uninterrupted steps (checkpoints at 3 and 6), and the same run stopped after step 3 and relaunched."""
+    stage = request.param
+    base = tmp_path_factory.mktemp(stage)
+    overrides = [*DS, f"parallel.deepspeed_config={stage}"]
+    full = base / "full"
+    run(full, overrides, nproc=2, fresh=True)
+    resumed = copy_stopped_at(full, base / "resumed", 3)
+    run(resumed, overrides, nproc=2)
+    return stage, full, resumed
+
+
+def test_deepspeed_resume_equals_the_uninterrupted_run(deepspeed):
+    stage, full, resumed = deepspeed
+    assert max_diff(losses(resumed), losses(full)) <= TOL
+    assert samples(resumed) == samples(full)
+    manifest_files = (full / "checkpoints" / "step_6" / "COMPLETE").read_text()
+    assert "pytorch_model/" in manifest_files and "random_states_1.pkl" in manifest_files  # the DeepSpeed layout
+    verify_checkpoint(full / "checkpoints" / "step_6")
+
+
+def test_deepspeed_matches_the_single_process_run(deepspeed, baseline):
+    stage, full, _ = deepspeed
+    assert max_diff(losses(full), losses(baseline)) <= TOL
+
+
+def test_deepspeed_export_equals_the_gathered_training_weights(deepspeed):
+    stage, full, resumed = deepspeed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        gathered = get_fp32_state_dict_from_zero_checkpoint(str(full / "checkpoints" / "step_6"))
+    exported = load_file(full / "export" / "model.safetensors")
+    assert set(exported) <= set(gathered)
+    assert all(exported[k].shape == gathered[k].shape for k in exported)
+    assert weight_diff(exported, gathered) == 0
+    assert weight_diff(load_file(resumed / "export" / "model.safetensors"), exported) <= 1e-5
+
+
+def test_deepspeed_resume_with_another_world_size_is_refused(deepspeed, tmp_path):
+    stage, full, _ = deepspeed
+    run_dir = shutil.copytree(full, tmp_path / "run")
+    result = run(run_dir, [*DS, f"parallel.deepspeed_config={stage}"], check=False)
+    assert result.returncode == 2, result.output[-2000:]
+    [line] = error_lines(result.output)
+    assert "sharded over 2 processes" in line and "this run has 1" in line
+
+
+# ---------------------------------------------------------------- a rank that dies or stalls
+
+
+def test_a_dead_rank_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    env_hooks = {"IRONCORE_TEST_EXIT_RANK": "1", "IRONCORE_TEST_EXIT_AT_STEP": "3"}
+    result = run_with_hooks(run_dir, [*FAULT, "parallel.timeout_minute=0.5"], env_hooks)
+    assert result.returncode != 0
+    assert result.seconds < 90, f"the launcher took {result.seconds:.0f} s to give up"
+    assert sorted(losses(run_dir)) == [1, 2]
+    assert checkpoints(run_dir) == ["step_2"] and latest(run_dir) == "step_2"
+    verify_checkpoint(run_dir / "checkpoints" / "step_2")
+
+
+def test_a_stalled_rank_times_out_within_timeout_minute(tmp_path):
+    run_dir = tmp_path / "run"
+    env_hooks = {"IRONCORE_TEST_STALL_RANK": "1", "IRONCORE_TEST_EXIT_AT_STEP": "3"}
+    result = run_with_hooks(run_dir, [*FAULT, "parallel.timeout_minute=0.1"], env_hooks)
+    assert result.returncode != 0
+    assert "Timed out waiting 6000ms" in result.output  # rank 0's collective gave up after timeout_minute
+    assert result.seconds < 90
+    assert checkpoints(run_dir) == ["step_2"] and latest(run_dir) == "step_2"
+    verify_checkpoint(run_dir / "checkpoints" / "step_2")
+
+
+def run_with_hooks(run_dir: Path, overrides: list[str], hooks: dict[str, str]):
+    env = child_env(IRONCORE_TEST_SIGNAL=str(run_dir.parent / "signal"), **hooks)
+    return run(run_dir, overrides, nproc=2, hooks=True, env=env, fresh=True, check=False)
+
+
+# ---------------------------------------------------------------- what cannot run here says so, in one line
+
+
+def test_fsdp_without_cuda_is_refused_before_any_work(tmp_path):
+    result = run(tmp_path / "run", [*BASELINE, "parallel.use_fsdp=true"], check=False)
+    assert result.returncode == 2
+    [line] = error_lines(result.output)
+    assert "parallel.use_fsdp" in line and "CUDA" in line and "silently" in line
+
+
+def test_tensor_parallelism_is_refused_naming_the_field_and_why(tmp_path):
+    result = run(tmp_path / "run", [*FAULT, "trainer.tensor_model_parallel_size=2"], nproc=2, check=False)
+    assert result.returncode != 0
+    [line] = error_lines(result.output)
+    assert "trainer.tensor_model_parallel_size=2" in line and "tp_plan" in line and "MULTI_CPU" in line
