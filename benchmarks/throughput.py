@@ -12,7 +12,7 @@ precision, with AdamW (same lr, betas, eps, weight decay) and gradient clipping 
 
 Each step is timed alone (synchronised on accelerators) after `--warmup` steps; ms/step is the median step
 time and tokens/s is tokens per step over it (the median, because a step that another process slowed down on
-a shared machine should not decide the comparison; the mean is in the JSON too). MFU uses
+a shared machine should not decide the comparison; mean and min are in the JSON too). MFU uses
 `ironcore.metrics.flops_per_token` of each model and one `peak_flops` value for all three (on CPU a measured
 matmul rate, so CPU MFU is relative to what a plain GEMM achieves).
 
@@ -77,6 +77,7 @@ class Result:
     tokens_per_sec: float
     ms_per_step: float
     ms_per_step_mean: float
+    ms_per_step_min: float
     flops_per_token: float
     vocab_size: int
     device: torch.device = dataclasses.field(repr=False, compare=False)
@@ -331,6 +332,7 @@ def summarize(name: str, model: torch.nn.Module, shape: Shape, times: list[float
         tokens_per_sec=shape.tokens_per_step / median,
         ms_per_step=median * 1e3,
         ms_per_step_mean=statistics.fmean(times) * 1e3,
+        ms_per_step_min=min(times) * 1e3,
         flops_per_token=model_flops_per_token(model, shape),
         vocab_size=model.config.vocab_size,
         device=device,

@@ -24,7 +24,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from ironcore.checkpoint import MODEL_CONFIG_KEY, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from ironcore.checkpoint import CHECKPOINTS_DIR, MODEL_CONFIG_KEY, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from ironcore.config import RunConfig, config_to_dict
 from ironcore.data import TrainLoader, build_eval_loader, build_train_loader, load_tokenizer, prepare_data
 from ironcore.data.loader import make_collator
@@ -74,6 +74,8 @@ def train(run: RunConfig) -> Path:
     step = resume(run, out, accelerator, loader, model)
     if accelerator.is_main_process:
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(run), sort_keys=False))
+        if step == 0:
+            loop.metrics.clear()
     accelerator.init_trackers(tracker_project_name(run), config=flat_config(run), init_kwargs=tracker_init_kwargs(run))
     try:
         if loop.run(step, iter(loader), loader):
@@ -175,8 +177,15 @@ def every_row_once(dataset, run: RunConfig, tokenizer, rows: int, *, rank: int, 
 
 
 def resume(run: RunConfig, out: Path, accelerator: Accelerator, loader, model) -> int:
-    """Continue from the run directory's latest complete checkpoint, if any and if asked to; return the step."""
-    ckpt = find_resume_checkpoint(out) if run.trainer.resume else None
+    """Continue from the run directory's latest complete checkpoint, if any and if asked to; return the step.
+
+    A fresh start (`trainer.resume: false`, `--fresh`) in a directory that holds checkpoints moves them to
+    `checkpoints.old-<time>` first, so a later resume or the retention never mixes the two runs.
+    """
+    if not run.trainer.resume:
+        set_aside_checkpoints(out, accelerator)
+        return 0
+    ckpt = find_resume_checkpoint(out)
     if ckpt is None:
         return 0
     state = load_checkpoint(
@@ -189,6 +198,15 @@ def resume(run: RunConfig, out: Path, accelerator: Accelerator, loader, model) -
     loader.load_state_dict(state["data"])
     logger.info("Resumed from %s at step %d", ckpt, state["step"], main_process_only=True)
     return int(state["step"])
+
+
+def set_aside_checkpoints(out: Path, accelerator: Accelerator) -> None:
+    previous = out / CHECKPOINTS_DIR
+    if accelerator.is_main_process and previous.is_dir():
+        aside = out / f"{CHECKPOINTS_DIR}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        previous.rename(aside)
+        logger.warning("Starting fresh: moved the previous run's checkpoints to %s", aside, main_process_only=True)
+    accelerator.wait_for_everyone()
 
 
 def checkpoint_model_config(run: RunConfig) -> dict[str, object]:

@@ -1,6 +1,6 @@
 """The CPU quickstarts (examples/*.yaml) run as a user runs them (`ironcore train examples/X.yaml`), at their real
 model size, with fewer steps to keep CI short, and learn: the loss falls clearly, and DPO prefers the chosen answer
-on held-out pairs. The full-length runs are timed by hand (see the PR); only the step counts differ here.
+on held-out pairs. Full length (400 / 300 / 200 steps) they take about 50 / 90 / 70 s on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from ironcore import cli
 
 
 def quickstart(name: str, run_dir, *overrides: str) -> list[dict]:
-    """`ironcore train examples/<name>.yaml --fresh` in process, into `run_dir`, with the repo's cache."""
+    """`ironcore train examples/<name>.yaml <overrides> --fresh` in process, into `run_dir`, with the repo's cache."""
     args = ["train", str(REPO / "examples" / f"{name}.yaml"), f"trainer.model_path={run_dir}",
-            f"data.cache_dir={CACHE}", *overrides, "--fresh"]
+            f"data.cache_dir={CACHE}", "trainer.log_interval=5", *overrides, "--fresh"]
     reset_accelerate()
     with restored_environ():
         assert cli.main(args) == 0
@@ -22,25 +22,30 @@ def quickstart(name: str, run_dir, *overrides: str) -> list[dict]:
     return read_metrics(run_dir)
 
 
+def short(steps: int) -> tuple[str, ...]:
+    return (f"operation.train_steps={steps}", f"operation.eval_interval={steps}", f"trainer.save_checkpoint_steps={steps}")
+
+
 def test_pretrain_quickstart_loss_falls(tmp_path):
-    records = quickstart("pretrain", tmp_path / "run", "operation.train_steps=60", "trainer.log_interval=5",
-                         "operation.eval_interval=60", "trainer.save_checkpoint_steps=60")
+    records = quickstart("pretrain", tmp_path / "run", *short(40))
     losses = series(records, "loss")
-    assert losses[5] > 7.0 and losses[60] < losses[5] - 1.0
-    assert series(records, "eval/loss")[60] < 6.5
+    assert losses[5] > 7.0 and losses[40] < losses[5] - 0.8
+    assert series(records, "eval/loss")[40] < 6.6
+    assert not any(key.startswith("test/") for r in records for key in r)  # splits hold no test rows
 
 
 def test_sft_quickstart_loss_falls(tmp_path):
-    records = quickstart("sft", tmp_path / "run", "operation.train_steps=40", "trainer.log_interval=5",
-                         "operation.eval_interval=40", "trainer.save_checkpoint_steps=40")
+    records = quickstart("sft", tmp_path / "run", *short(30))
     losses = series(records, "loss")
-    assert losses[40] < losses[5] - 1.0
-    assert 0 < series(records, "eval/token_accuracy")[40] <= 1
+    assert losses[5] > 7.0 and losses[30] < losses[5] - 0.8
+    assert 0 < series(records, "eval/token_accuracy")[30] <= 1
 
 
 def test_dpo_quickstart_prefers_chosen_on_held_out_pairs(tmp_path):
-    records = quickstart("dpo", tmp_path / "run", "operation.train_steps=40", "trainer.log_interval=5",
-                         "operation.eval_interval=40", "trainer.save_checkpoint_steps=40")
+    """The live reference instead of the example's precomputed one: for 30 steps that is cheaper than scoring all
+    2.8k pairs first (test_train checks the two give the same losses)."""
+    records = quickstart("dpo", tmp_path / "run", *short(30), "optim.dpo_precompute_ref=false")
     losses = series(records, "loss")
-    assert losses[5] == pytest.approx(0.69, abs=0.05) and losses[40] < losses[5]
-    assert series(records, "eval/reward_accuracy")[40] > 0.5
+    assert losses[5] < 0.7 and losses[30] < losses[5] - 0.15
+    assert series(records, "eval/reward_accuracy")[30] > 0.5
+    assert series(records, "eval/reward_margin")[30] > 0

@@ -9,8 +9,10 @@ From them we derive:
   documented function and class with its signature and docstring);
 - SFT conversations: a question about a function, class or topic, answered by its documentation;
   every fourth one has a system message and every fifth a second user/assistant turn;
-- DPO pairs: the same question, its own documentation as the chosen answer and another entry's
-  documentation as the rejected one.
+- DPO pairs: the same question, its own documentation as the chosen answer and that documentation
+  with the words of each line shuffled as the rejected one. (Another entry's documentation, the first
+  design, is not learnable as a preference here: every text is chosen in one pair and rejected in another,
+  so a small model learns which texts to score up or down, and held-out pairs come out below chance.)
 
 The corpus depends only on the Python version (`corpus_fingerprint`), and everything is derived in a
 fixed order, so it is identical on every machine with the same Python.
@@ -30,7 +32,7 @@ import datasets
 
 from ironcore.errors import DataError
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 KINDS = ("pretrain", "sft", "dpo")
 SYSTEM_PROMPT = "You are a concise assistant that explains the Python standard library."
 _PACKAGES = ("json", "collections", "logging", "email", "http", "urllib", "importlib", "concurrent/futures")
@@ -170,17 +172,35 @@ def sft_conversations() -> list[list[dict[str, str]]]:
     return conversations
 
 
+def _scrambled(text: str, rng: random.Random) -> str:
+    """The words of each line in a shuffled order: the same tokens, no longer well-formed text."""
+    lines = []
+    for line in text.split("\n"):
+        words = line.split(" ")
+        rng.shuffle(words)
+        lines.append(" ".join(words))
+    return "\n".join(lines)
+
+
 def dpo_pairs() -> list[dict[str, str]]:
-    """Question, its own documentation (chosen), another entry's documentation (rejected)."""
-    pairs = _qa_pairs()
-    order = list(range(len(pairs)))
-    random.Random(CORPUS_VERSION).shuffle(order)
+    """Question, its own documentation (chosen), the same documentation with scrambled word order (rejected).
+
+    A preference a small model can learn and carry to held-out pairs: well-formed over scrambled text.
+    Answers that shuffling leaves unchanged (one word per line) get their words rotated, or a lone word spelled
+    backwards.
+    """
+    rng = random.Random(CORPUS_VERSION)
     rows = []
-    for i, (question, answer, _) in enumerate(pairs):
-        other = pairs[order[i]][1]
-        if other == answer:
-            other = pairs[order[(i + 1) % len(order)]][1]
-        rows.append({"prompt": question, "chosen": answer, "rejected": other})
+    for question, answer, _ in _qa_pairs():
+        rejected = _scrambled(answer, rng)
+        for _ in range(3):
+            if rejected != answer:
+                break
+            rejected = _scrambled(answer, rng)
+        if rejected == answer:
+            words = answer.split()
+            rejected = " ".join(words[1:] + words[:1]) if len(set(words)) > 1 else answer[::-1]
+        rows.append({"prompt": question, "chosen": answer, "rejected": rejected})
     return rows
 
 
