@@ -40,7 +40,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/throughput.py` from a checkout
 
-from ironcore.metrics import flops_per_token, lookup_peak_tflops, mfu, non_embedding_param_count, peak_flops  # noqa: E402
+from ironcore.metrics import (  # noqa: E402
+    flops_per_token,
+    lookup_peak_tflops,
+    mfu,
+    non_embedding_param_count,
+    peak_flops,
+)
 
 Batch = dict[str, torch.Tensor]
 GPT2_KEYS = ("input_ids", "labels", "attention_mask", "position_ids")
@@ -340,7 +346,8 @@ def summarize(name: str, model: torch.nn.Module, shape: Shape, times: list[float
 
 
 def table(results: list[Result]) -> str:
-    header = f"| {'implementation':<14} | {'params':>10} | {'tokens/s':>10} | {'ms/step':>9} | {'MFU':>7} | {'vs plain':>8} |"
+    header = (f"| {'implementation':<14} | {'params':>10} | {'tokens/s':>10} | {'ms/step':>9} | {'MFU':>7} "
+              f"| {'vs plain':>8} |")
     rule = "|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|"
     rows = [
         f"| {r.implementation:<14} | {r.params:>10,} | {r.tokens_per_sec:>10,.0f} | {r.ms_per_step:>9.1f} | "
@@ -443,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         r.vs_plain = r.tokens_per_sec / plain.tokens_per_sec
 
     device_name = describe_device(device)
-    print(f"device: {device_name} | torch {torch.__version__} | attention: sdpa (all three) | precision: {shape.precision}")
+    print(f"device: {device_name} | torch {torch.__version__} | attention: sdpa (all three) | "
+          f"precision: {shape.precision}")
     print(f"shape: d_model {shape.d_model}, layers {shape.layers}, heads {shape.heads}, seq {shape.seq}, "
           f"batch {shape.batch}, vocab {shape.vocab} (model vocab {vocab_size}) | {args.steps} timed steps after "
           f"{args.warmup} warmup | peak {peak / 1e12:.3f} TFLOP/s ({peak_source(device, dtype)})")

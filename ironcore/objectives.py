@@ -35,15 +35,13 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
     The step loss is ``sum(loss_sum) / sum(num_tokens)`` over all micro-batches and ranks of the step.
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+    # Shift the labels, not the logits: slicing [B,T,V] logits copies them and allocates a full-size gradient
+    # in backward (measured ~5% of a CPU step); the padded last target is ignored, so the sum is the same.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     loss_sum = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss_sum, (shift_labels != IGNORE_INDEX).sum()
+    return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
 def token_accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
