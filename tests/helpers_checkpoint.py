@@ -113,6 +113,8 @@ def ddp_worker(run_dir: Path) -> None:
     }
     (run_dir / f"result_{rank}.json").write_text(json.dumps(result))
     accelerator.wait_for_everyone()
+    del model, optimizer, scheduler  # drop the DDP wrappers (and their gloo work) before the process group goes
+    accelerator.free_memory()
     accelerator.end_training()
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -267,7 +268,13 @@ def ddp_run(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(run_dir)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HELPER), "ddp", str(run_dir)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = all((run_dir / f"result_{rank}.json").is_file() for rank in (0, 1))
+    if proc.returncode != 0 and written and "terminate called without an active exception" in proc.stderr:
+        # gloo's teardown at interpreter exit occasionally aborts a rank after all work is done (see
+        # shared/ENVIRONMENT.md); the results were written before it, so only that exact case is tolerated.
+        warnings.warn("a DDP rank aborted at interpreter exit after writing its results")
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads((run_dir / f"result_{rank}.json").read_text()) for rank in (0, 1)]
     return run_dir, results
 
