@@ -12,15 +12,11 @@ from typing import Literal
 
 from ironcore import metrics
 from ironcore.config.schema import ModelConfig, RunConfig
+from ironcore.models.configuration_ironcore import padded_vocab_size
 
 GATED_ACTIVATIONS = frozenset({"swiglu", "geglu"})
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _GIB = 1024**3
-
-
-def padded_vocab_size(vocab_size: int, padding_unit: int) -> int:
-    """The model's embedding rows: `vocab_size` rounded up to a multiple of `padding_unit` (tensor-core friendly)."""
-    return -(-vocab_size // padding_unit) * padding_unit
 
 
 @dataclass(frozen=True)
