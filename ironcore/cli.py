@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IronCoreError as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        sys.stderr.write(f"error: {err}\n")  # one write: ranks of a launch share the stream, lines must not interleave
         return 2
 
 

@@ -453,6 +453,7 @@ def test_write_accelerate_config_writes_the_deepspeed_json_next_to_it(tmp_path):
 
 LAUNCHED_SCRIPT = """
 import json, sys
+from pathlib import Path
 import torch
 from ironcore.config.schema import DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainerConfig
 from ironcore.translate import build_accelerator
@@ -468,8 +469,9 @@ acc = build_accelerator(run)
 model = torch.nn.Linear(4, 1)
 model, opt = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
 world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-print("RESULT " + json.dumps({"rank": acc.process_index, "world": acc.num_processes, "torch_world": world,
-                               "type": acc.distributed_type.value, "model": type(model).__name__}), flush=True)
+result = {"rank": acc.process_index, "world": acc.num_processes, "torch_world": world,
+          "type": acc.distributed_type.value, "model": type(model).__name__}
+Path(f"result-{acc.process_index}.json").write_text(json.dumps(result))  # ranks share stdout: one file each
 if ds:
     model.destroy()
 acc.wait_for_everyone()
@@ -485,7 +487,7 @@ def _run_script(tmp_path, argv_prefix, preset):
         [*argv_prefix, str(script), preset], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [json.loads(path.read_text()) for path in tmp_path.glob("result-*.json")]
     return sorted(results, key=lambda r: r["rank"])
 
 
