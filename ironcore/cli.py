@@ -56,7 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = [*args.overrides, *(["trainer.resume=false"] if args.fresh else [])]
     export_dir = train(load_config(args.config, overrides))
-    print(f"model exported to {export_dir}")
+    sys.stdout.write(f"model exported to {export_dir}\n")  # one write: every rank of a launch prints it
+    sys.stdout.flush()
     return 0
 
 

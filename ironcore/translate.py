@@ -5,7 +5,8 @@ told this process) and returns a value. `build_accelerator` puts them together; 
 `write_accelerate_config` writes the file `accelerate launch --config_file` takes.
 
 Accelerate quietly turns some requests into something else on a machine like ours (see
-shared/ENVIRONMENT.md sections 2-3): the FSDP plugin is ignored on CPU, DeepSpeed on CPU becomes
+shared/ENVIRONMENT.md sections 2-3): the FSDP plugin is ignored on CPU (`build_accelerator` switches
+Accelerate's own FSDP2 path on for the gloo process group instead), DeepSpeed on CPU becomes
 plain DDP with `cpu=True` or a world of 1 without a gloo process group, multi-process CPU without
 `cpu=True` gives unsynchronised independent processes, fp16 on CPU trains in fp32, "auto" DeepSpeed
 values fall back to defaults (gradient clipping 1.0). This module either makes each request work
@@ -28,7 +29,8 @@ import torch
 import yaml
 from accelerate import Accelerator, DeepSpeedPlugin, FullyShardedDataParallelPlugin
 from accelerate.parallelism_config import ParallelismConfig
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from accelerate.utils.other import get_free_port
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -133,15 +135,6 @@ def batch_plan(run: RunConfig, env: LaunchEnv) -> BatchPlan:
     )
 
 
-def check_fsdp_device(run: RunConfig, env: LaunchEnv) -> None:
-    """FSDP through Accelerate needs CUDA: on CPU Accelerate drops the plugin silently and runs DDP or nothing."""
-    if run.parallel.use_fsdp and not env.cuda_available:
-        raise ConfigError(
-            "parallel.use_fsdp: FSDP needs CUDA GPUs here (no CUDA device found; Accelerate would silently ignore "
-            "the FSDP plugin on CPU) - set use_fsdp: false (DDP) or use parallel.deepspeed_config (runs on CPU)"
-        )
-
-
 def check_supported(run: RunConfig, env: LaunchEnv) -> None:
     """Raise a one-line ConfigError for settings this machine or launch cannot run as asked.
 
@@ -149,7 +142,6 @@ def check_supported(run: RunConfig, env: LaunchEnv) -> None:
     not exist) are refused earlier, when the config is loaded (`ironcore.config.resolve.check_parallel`).
     """
     p = run.parallel
-    check_fsdp_device(run, env)
     if run.model.precision == "float16" and not env.cuda_available and not p.deepspeed_config:
         raise ConfigError(
             "model.precision=float16 needs CUDA (on CPU Accelerate does no fp16 autocast and the run would "
@@ -204,6 +196,9 @@ def notes(run: RunConfig, env: LaunchEnv) -> list[str]:
         )
     if (p.deepspeed_config or p.use_fsdp) and not env.launched:
         out.append("not started by a launcher: DeepSpeed/FSDP run as a single-process world of 1")
+    if p.use_fsdp and not env.cuda_available:
+        out.append("parallel.use_fsdp on CPU: Accelerate's FSDP2 path runs on the gloo process group "
+                   "(Accelerate enables it only on accelerator devices; IronCore switches it on)")
     return out
 
 
@@ -331,8 +326,10 @@ def fsdp_settings(run: RunConfig, env: LaunchEnv) -> dict | None:
     """The FSDP2 settings as plain values (None without parallel.use_fsdp): one source for plugin, file and explain.
 
     `mixed` computes in model.precision and reduces gradients in fp32 (the usual FSDP2 recipe, robust for
-    bf16); bf16 / fp16 / fp32 use that dtype for both. Hybrid on several nodes shards within a node and
-    replicates across nodes (HSDP, a 2-D device mesh through ParallelismConfig).
+    bf16); bf16 / fp16 / fp32 use that dtype for both. Checkpoints hold the sharded state dict (one torch
+    DCP file per rank) with fsdp_state_dict_type: sharded or operation.save_dist_ckpt, else the full one.
+    Hybrid on several nodes shards within a node and replicates across nodes (HSDP, a 2-D device mesh
+    through ParallelismConfig).
     """
     p = run.parallel
     if not p.use_fsdp:
@@ -351,7 +348,7 @@ def fsdp_settings(run: RunConfig, env: LaunchEnv) -> dict | None:
         "reduce_dtype": reduce_dtype,
         "auto_wrap_policy": "transformer_based_wrap",
         "transformer_cls_names_to_wrap": [DECODER_LAYER_CLASS],
-        "state_dict_type": _FSDP_STATE_DICT[p.fsdp_state_dict_type],
+        "state_dict_type": _FSDP_STATE_DICT["sharded" if run.operation.save_dist_ckpt else p.fsdp_state_dict_type],
         "activation_checkpointing": False,
         "cpu_ram_efficient_loading": False,
         "hsdp": {"dp_replicate_size": env.num_nodes, "dp_shard_size": env.local_world_size} if hybrid else None,
@@ -467,7 +464,6 @@ def accelerator_settings(run: RunConfig, env: LaunchEnv) -> dict:
     """The Accelerator arguments as JSON-able values (what `accelerator_kwargs` turns into objects)."""
     check_supported(run, env)
     plan = batch_plan(run, env)
-    engine = bool(run.parallel.deepspeed_config) or run.parallel.use_fsdp
     group = uses_process_group(run, env)
     return {
         "mixed_precision": mixed_precision(run),
@@ -477,8 +473,9 @@ def accelerator_settings(run: RunConfig, env: LaunchEnv) -> dict:
         "step_scheduler_with_optimizer": False,
         # trainer.torch_compile: Accelerate compiles the model in prepare() (TorchInductor).
         "dynamo_backend": "inductor" if run.trainer.torch_compile else "no",
-        # DDP on CPU needs cpu=True; DeepSpeed must never get it (Accelerate would silently drop DeepSpeed).
-        "cpu": not env.cuda_available and not engine,
+        # DDP and FSDP on CPU need cpu=True (a gloo MULTI_CPU group); DeepSpeed must never get it
+        # (Accelerate would silently drop DeepSpeed).
+        "cpu": not env.cuda_available and not run.parallel.deepspeed_config,
         "log_with": trackers(run),
         "project_dir": str(run_dir(run)),
         "logging_dir": str(logging_dir(run)),
@@ -531,7 +528,10 @@ def build_accelerator(run: RunConfig, env: LaunchEnv | None = None) -> Accelerat
     if uses_process_group(run, env) and not env.launched:
         os.environ.update(single_process_environ())
         env = replace(env, launched=True)
-    accelerator = Accelerator(**accelerator_kwargs(run, env))
+    kwargs = accelerator_kwargs(run, env)
+    accelerator = Accelerator(**kwargs)
+    if run.parallel.use_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        enable_fsdp_on_cpu(accelerator, kwargs["fsdp_plugin"])
     want = expected_distributed_type(run, env)
     got = accelerator.distributed_type.value
     if got != want or accelerator.num_processes != env.world_size:
@@ -541,6 +541,21 @@ def build_accelerator(run: RunConfig, env: LaunchEnv | None = None) -> Accelerat
             "see write_accelerate_config)"
         )
     return accelerator
+
+
+def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
+    """Switch a MULTI_CPU (gloo) Accelerator to DistributedType.FSDP with `plugin`, as Accelerate does itself
+    for GPU process groups (accelerate/state.py, AcceleratorState.__init__): from here on Accelerate's own
+    FSDP2 code runs unchanged: `fully_shard` in prepare, DTensor gradient clipping, sharded or full
+    save_state / load_state through torch.distributed.checkpoint, and the gathered get_state_dict.
+
+    The type lives in two shared states: AcceleratorState re-copies PartialState's on every instantiation.
+    """
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
 
 
 # ---------------------------------------------------------------- accelerate launch config file
@@ -577,7 +592,7 @@ def accelerate_config_file(run: RunConfig, env: LaunchEnv, deepspeed_config_file
         "rdzv_backend": "static",
         "same_network": True,
         "gpu_ids": "all",
-        "use_cpu": not env.cuda_available and kind != "DEEPSPEED",
+        "use_cpu": not env.cuda_available and kind not in ("DEEPSPEED", "FSDP"),
         "debug": False,
         "downcast_bf16": "no",
         "enable_cpu_affinity": False,

@@ -39,7 +39,6 @@ from ironcore.translate import (
     accelerator_settings,
     batch_plan,
     build_accelerator,
-    check_fsdp_device,
     check_supported,
     deepspeed_config,
     deepspeed_plugin,
@@ -329,7 +328,7 @@ def test_deepspeed_json_path_checks(tmp_path):
         deepspeed_config(make_run(parallel={"deepspeed_config": str(tmp_path / "missing.json")}), CPU)
 
 
-# ---------------------------------------------------------------- FSDP2 (plugins are built on CPU; running needs CUDA)
+# ---------------------------------------------------------------- FSDP2
 
 
 @pytest.mark.parametrize(
@@ -385,16 +384,25 @@ def _one_line_error(run, env, field):
     return message
 
 
-def test_fsdp_on_a_machine_without_cuda_is_an_error(fresh_accelerate):
+def test_fsdp_on_cpu_is_accelerates_fsdp_path_on_gloo():
     run = make_run(parallel={"use_fsdp": True})
-    with pytest.raises(ConfigError, match="parallel.use_fsdp: FSDP needs CUDA GPUs here"):
-        check_fsdp_device(run, CPU)
-    check_fsdp_device(run, GPU_NODE_8)
-    _one_line_error(run, CPU, "parallel.use_fsdp")
-    with pytest.raises(ConfigError, match="FSDP needs CUDA"):
-        build_accelerator(run, CPU)
-    with pytest.raises(ConfigError, match="FSDP needs CUDA"):
-        accelerate_config_file(run, CPU)
+    settings = accelerator_settings(run, CPU_LAUNCHED_2)
+    assert settings["cpu"] is True and settings["distributed_type"] == "FSDP"
+    assert settings["init_process_group"]["backend"] == "gloo"
+    assert any("parallel.use_fsdp on CPU" in note for note in notes(run, CPU_LAUNCHED_2))
+    assert not any("use_fsdp" in note for note in notes(run, GPU_NODE_8))
+    launch = accelerate_config_file(run, CPU_LAUNCHED_2)
+    assert launch["distributed_type"] == "FSDP" and launch["use_cpu"] is False  # torchrun starts every process
+
+
+def test_save_dist_ckpt_selects_fsdp_sharded_checkpoints_and_is_refused_without_sharding():
+    sharded = make_run(parallel={"use_fsdp": True}, operation={"save_dist_ckpt": True})
+    assert fsdp_settings(sharded, GPU_NODE_8)["state_dict_type"] == "SHARDED_STATE_DICT"
+    assert fsdp_settings(make_run(parallel={"use_fsdp": True}), GPU_NODE_8)["state_dict_type"] == "FULL_STATE_DICT"
+    from ironcore.config import load_config
+
+    assert load_config(None, ["operation.save_dist_ckpt=true", "parallel.deepspeed_config=zero2"]).operation.save_dist_ckpt
+    _load_error(["operation.save_dist_ckpt=true"], "operation.save_dist_ckpt=true: only FSDP and DeepSpeed")
 
 
 def test_unsupported_settings_are_one_line_errors_naming_the_field():
@@ -456,21 +464,26 @@ import json, sys
 from pathlib import Path
 import torch
 from ironcore.config.schema import DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainerConfig
+from ironcore.models import build_model
 from ironcore.translate import build_accelerator
 
-ds = sys.argv[1] if sys.argv[1] != "none" else None
+engine = sys.argv[1]
+ds = engine if engine.startswith("zero") else None
 run = RunConfig(
     model=ModelConfig(d_model=64, d_ffn=128, num_layers=1, num_attention_heads=2, head_dim=32, max_seq_len=32,
                       precision="float32"),
     data=DataConfig(vocab_size=128), trainer=TrainerConfig(micro_batch_size=2, gradient_accumulation_steps=2),
-    parallel=ParallelConfig(deepspeed_config=ds),
+    parallel=ParallelConfig(deepspeed_config=ds, use_fsdp=engine == "fsdp"),
 )
 acc = build_accelerator(run)
-model = torch.nn.Linear(4, 1)
+model = build_model(run) if engine == "fsdp" else torch.nn.Linear(4, 1)  # FSDP wraps the decoder layers
 model, opt = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
 world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 result = {"rank": acc.process_index, "world": acc.num_processes, "torch_world": world,
           "type": acc.distributed_type.value, "model": type(model).__name__}
+if engine == "fsdp":
+    local = sum(p.to_local().numel() for p in model.parameters())
+    result["sharded"] = local / sum(p.numel() for p in model.parameters())
 Path(f"result-{acc.process_index}.json").write_text(json.dumps(result))  # ranks share stdout: one file each
 if ds:
     model.destroy()
@@ -492,7 +505,8 @@ def _run_script(tmp_path, argv_prefix, preset):
 
 
 def _launch(tmp_path, preset, world_size):
-    run = make_run(parallel={"deepspeed_config": None if preset == "none" else preset})
+    run = make_run(parallel={"deepspeed_config": preset if preset.startswith("zero") else None,
+                             "use_fsdp": preset == "fsdp"})
     config = write_accelerate_config(run, tmp_path / "accelerate.yaml", world_size)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     return _run_script(tmp_path, launcher, preset)
@@ -515,6 +529,14 @@ def test_accelerate_launch_two_deepspeed_processes(tmp_path):
     assert [r["rank"] for r in results] == [0, 1]
     for r in results:
         assert (r["world"], r["torch_world"], r["type"], r["model"]) == (2, 2, "DEEPSPEED", "DeepSpeedEngine")
+
+
+def test_accelerate_launch_two_fsdp2_processes_on_cpu(tmp_path):
+    results = _launch(tmp_path, "fsdp", 2)
+    assert [r["rank"] for r in results] == [0, 1]
+    for r in results:
+        assert (r["world"], r["torch_world"], r["type"], r["model"]) == (2, 2, "FSDP", "FSDPIronCoreForCausalLM")
+        assert r["sharded"] == 0.5  # each rank holds half of every parameter
 
 
 def test_deepspeed_without_a_launcher_is_a_world_of_one(tmp_path):

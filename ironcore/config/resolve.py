@@ -142,5 +142,10 @@ def check_parallel(run: RunConfig) -> None:
             "parallel.fsdp_sharding_strategy=no_shard: FSDP2 has no NO_SHARD mode (it is plain data parallelism) "
             "- set parallel.use_fsdp: false for DDP, or use full / hybrid"
         )
+    if run.operation.save_dist_ckpt and not (p.use_fsdp or p.deepspeed_config):
+        raise ConfigError(
+            "operation.save_dist_ckpt=true: only FSDP and DeepSpeed have sharded state to save (under DDP every rank "
+            "holds the full state) - set parallel.use_fsdp: true or a parallel.deepspeed_config, or save_dist_ckpt: false"
+        )
     if p.use_fsdp and p.fsdp_state_dict_type == "local":
         raise ConfigError("parallel.fsdp_state_dict_type=local: FSDP2 has no LOCAL_STATE_DICT - use full or sharded")

@@ -84,7 +84,11 @@ class OperationConfig:
     activation_recompute: bool = option(False, "Enable activation checkpointing")
     recompute_strategy: Literal["default", "optimized"] = option("default", "Recompute strategy")
     no_save: bool = option(False, "Disable checkpoint saving")
-    save_dist_ckpt: bool = option(False, "Save sharded (distributed) checkpoints")
+    save_dist_ckpt: bool = option(
+        False,
+        "Save sharded (distributed) checkpoints: under FSDP the sharded state dict (as "
+        "parallel.fsdp_state_dict_type: sharded); DeepSpeed always saves its native shards; refused without either",
+    )
     exit_interval: int | None = option(None, "Exit cleanly after N optimizer steps (saves first)", ge=1)
 
 
