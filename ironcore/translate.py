@@ -147,6 +147,12 @@ def check_supported(run: RunConfig, env: LaunchEnv) -> None:
             "model.precision=float16 needs CUDA (on CPU Accelerate does no fp16 autocast and the run would "
             "silently train in fp32) - use bfloat16 or float32"
         )
+    if p.use_fsdp and p.fsdp_offload_params and not env.cuda_available:
+        raise ConfigError(
+            "parallel.fsdp_offload_params=true: FSDP offloads parameters from GPU to CPU memory and no CUDA device "
+            "is here (the parameters already live in CPU memory; torch's CPUOffloadPolicy fails without one) "
+            "- set fsdp_offload_params: false"
+        )
     if p.use_fsdp and p.fsdp_sharding_strategy == "hybrid" and env.world_size % env.local_world_size:
         raise ConfigError(
             f"parallel.fsdp_sharding_strategy=hybrid needs equal processes per node: world size {env.world_size} "

@@ -395,6 +395,12 @@ def test_fsdp_on_cpu_is_accelerates_fsdp_path_on_gloo():
     assert launch["distributed_type"] == "FSDP" and launch["use_cpu"] is False  # torchrun starts every process
 
 
+def test_fsdp_offload_without_cuda_is_an_error():
+    run = make_run(parallel={"use_fsdp": True, "fsdp_offload_params": True})
+    assert "no CUDA device" in _one_line_error(run, CPU_LAUNCHED_2, "parallel.fsdp_offload_params")
+    assert fsdp_settings(run, GPU_NODE_8)["cpu_offload"] is True
+
+
 def test_save_dist_ckpt_selects_fsdp_sharded_checkpoints_and_is_refused_without_sharding():
     sharded = make_run(parallel={"use_fsdp": True}, operation={"save_dist_ckpt": True})
     assert fsdp_settings(sharded, GPU_NODE_8)["state_dict_type"] == "SHARDED_STATE_DICT"
