@@ -154,7 +154,7 @@ class IronCoreAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -165,8 +165,8 @@ class IronCoreAttention(nn.Module):
 
         if position_embeddings is not None:
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, *position_embeddings)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -222,17 +222,17 @@ class IronCoreDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         if self.post_norm:
             attn_output, _ = self.self_attn(
-                hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
+                hidden_states, position_embeddings, attention_mask, cache, **kwargs
             )
             hidden_states = self.attn_norm(hidden_states + attn_output)
             return self.mlp_norm(hidden_states + self.mlp(hidden_states))
         attn_output, _ = self.self_attn(
-            self.attn_norm(hidden_states), position_embeddings, attention_mask, past_key_values, **kwargs
+            self.attn_norm(hidden_states), position_embeddings, attention_mask, cache, **kwargs
         )
         hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
@@ -286,7 +286,6 @@ class IronCorePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["IronCoreDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
 
@@ -335,7 +334,7 @@ class IronCoreModel(IronCorePreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -347,9 +346,9 @@ class IronCoreModel(IronCorePreTrainedModel):
         # A cache only serves generation; in training it would just hold every layer's keys and values.
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_seen = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
 
@@ -358,7 +357,7 @@ class IronCoreModel(IronCorePreTrainedModel):
             hidden_states = hidden_states + self.embed_positions(position_ids)
         hidden_states = self.dropout(hidden_states)
         attention_mask, kwargs = self._attention_inputs(
-            hidden_states, attention_mask, position_ids, past_key_values, past_seen, kwargs
+            hidden_states, attention_mask, position_ids, cache, past_seen, kwargs
         )
         position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
 
@@ -368,11 +367,11 @@ class IronCoreModel(IronCorePreTrainedModel):
                 attention_mask=attention_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 **kwargs,
             )
         return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values if use_cache else None
+            last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None
         )
 
     def _attention_inputs(
@@ -380,7 +379,7 @@ class IronCoreModel(IronCorePreTrainedModel):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
-        past_key_values: Cache | None,
+        cache: Cache | None,
         past_seen: int,
         kwargs: dict,
     ) -> tuple[torch.Tensor | None, dict]:
@@ -404,7 +403,7 @@ class IronCoreModel(IronCorePreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=position_ids,
             and_mask_function=packed_sequence_mask_function(segments) if segments is not None else None,
         )
@@ -430,7 +429,7 @@ class IronCoreForCausalLM(IronCorePreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -442,7 +441,7 @@ class IronCoreForCausalLM(IronCorePreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -454,7 +453,7 @@ class IronCoreForCausalLM(IronCorePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
 
 __all__ = ["IronCoreForCausalLM", "IronCoreModel", "IronCorePreTrainedModel"]
