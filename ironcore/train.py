@@ -35,7 +35,8 @@ from ironcore.models import build_model, padded_vocab_size
 from ironcore.optim import build_optimizer, build_scheduler
 from ironcore.profiling import StepProfiler
 from ironcore.tasks import Batch, DirectPreference, LanguageModeling, reference_logps
-from ironcore.translate import build_accelerator, run_dir, tracker_init_kwargs, tracker_project_name
+from ironcore.trackers import tracker_init_kwargs, tracker_project_name
+from ironcore.translate import build_accelerator
 
 logger = get_logger(__name__)
 
@@ -123,7 +124,7 @@ def release_engine(accelerator: Accelerator, model) -> None:
 
 def prepare_run_dir(run: RunConfig) -> Path:
     """Create the run directory and prove it is writable before any expensive work starts."""
-    out = run_dir(run)
+    out = run.run_dir
     field_name = "trainer.model_path" if run.trainer.model_path else "trainer.model_name"
     try:
         out.mkdir(parents=True, exist_ok=True)

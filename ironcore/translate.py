@@ -1,8 +1,8 @@
 """RunConfig + launch environment -> everything Accelerate needs, with no silent fallbacks.
 
 Plain functions, no module state: each takes the frozen `RunConfig` and a `LaunchEnv` (what the launcher
-told this process) and returns a value. `build_accelerator` puts them together; `explain` shows them as JSON;
-`write_accelerate_config` writes the file `accelerate launch --config_file` takes.
+told this process) and returns a value. `build_accelerator` puts them together (trackers.py supplies the
+tracker settings); launch_config.py shows them as JSON and writes the `accelerate launch --config_file` file.
 
 Accelerate quietly turns some requests into something else on a machine like ours (see
 shared/ENVIRONMENT.md sections 2-3): the FSDP plugin is ignored on CPU (`build_accelerator` switches
@@ -20,13 +20,11 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
-import yaml
 from accelerate import Accelerator, DeepSpeedPlugin, FullyShardedDataParallelPlugin
 from accelerate.parallelism_config import ParallelismConfig
 from accelerate.state import PartialState
@@ -37,7 +35,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from ironcore.config.resolve import batch_arithmetic
 from ironcore.config.schema import RunConfig
 from ironcore.errors import ConfigError
-from ironcore.estimate import Sharding, estimate
+from ironcore.trackers import logging_dir, tracker_environ, trackers
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +90,6 @@ class LaunchEnv:
     @property
     def num_nodes(self) -> int:
         return max(1, self.world_size // max(1, self.local_world_size))
-
-
-def run_dir(run: RunConfig) -> Path:
-    """The run directory: `trainer.model_path`, or `runs/<model_name>` when it is empty."""
-    return Path(run.trainer.model_path) if run.trainer.model_path else Path("runs") / run.trainer.model_name
 
 
 # ---------------------------------------------------------------- batch arithmetic and support checks
@@ -393,76 +386,6 @@ def parallelism_config(run: RunConfig, env: LaunchEnv) -> ParallelismConfig | No
     return ParallelismConfig(**s["hsdp"])
 
 
-# ---------------------------------------------------------------- trackers and directories
-
-
-def trackers(run: RunConfig) -> list[str]:
-    """Accelerate `log_with`: tensorboard / mlflow / wandb when their field is set, plus utils.trackers."""
-    u = run.utils
-    wanted = [
-        *(["tensorboard"] if u.tensorboard_dir else []),
-        *(["mlflow"] if u.mlflow_tracking_uri else []),
-        *(["wandb"] if u.wandb_project else []),
-        *u.trackers,
-    ]
-    return list(dict.fromkeys(wanted))
-
-
-def logging_dir(run: RunConfig) -> Path:
-    """Where TensorBoard writes: utils.tensorboard_dir, else `<run dir>/logs`."""
-    return Path(run.utils.tensorboard_dir) if run.utils.tensorboard_dir else run_dir(run) / "logs"
-
-
-def _mlflow_experiment(run: RunConfig) -> str:
-    return run.utils.mlflow_experiment_name or run.trainer.model_name
-
-
-def _is_local_uri(uri: str) -> bool:
-    return urlparse(uri).scheme in ("", "file", "sqlite")
-
-
-def tracker_environ(run: RunConfig) -> dict[str, str]:
-    """Environment variables the trackers read and Accelerate cannot pass: set by build_accelerator.
-
-    Accelerate's MLflow tracker takes the tracking URI only from MLFLOW_TRACKING_URI, and its experiment
-    name is init_trackers' project_name unless MLFLOW_EXPERIMENT_NAME is set, so both are set from the
-    config (a stale variable in the shell cannot win). A file store URI also needs MLFLOW_ALLOW_FILE_STORE
-    (mlflow 3 disables the file store by default).
-    """
-    if "mlflow" not in trackers(run):
-        return {}
-    out = {"MLFLOW_EXPERIMENT_NAME": _mlflow_experiment(run)}
-    uri = run.utils.mlflow_tracking_uri
-    if uri:
-        out["MLFLOW_TRACKING_URI"] = uri
-        if urlparse(uri).scheme in ("", "file"):
-            out["MLFLOW_ALLOW_FILE_STORE"] = "true"
-    return out
-
-
-def tracker_project_name(run: RunConfig) -> str:
-    """`init_trackers`' project_name: the W&B project (Accelerate passes it as wandb's `project`) and the
-    TensorBoard sub-directory; utils.wandb_project, else trainer.model_name. (MLflow's experiment comes
-    from MLFLOW_EXPERIMENT_NAME, see tracker_environ.)"""
-    return run.utils.wandb_project or run.trainer.model_name
-
-
-def tracker_init_kwargs(run: RunConfig) -> dict[str, dict]:
-    """`init_trackers`' init_kwargs: the run named model_name; a local MLflow store's artifacts and W&B's
-    files in the run directory. Call `accelerator.init_trackers(tracker_project_name(run), config=...,
-    init_kwargs=tracker_init_kwargs(run))`."""
-    init_kwargs: dict[str, dict] = {}
-    names = trackers(run)
-    if "mlflow" in names:
-        mlflow_kwargs = {"run_name": run.trainer.model_name}
-        if _is_local_uri(run.utils.mlflow_tracking_uri or ""):
-            mlflow_kwargs["logging_dir"] = str((run_dir(run) / "mlflow").resolve())
-        init_kwargs["mlflow"] = mlflow_kwargs
-    if "wandb" in names:
-        init_kwargs["wandb"] = {"name": run.trainer.model_name, "dir": str(run_dir(run))}
-    return init_kwargs
-
-
 # ---------------------------------------------------------------- Accelerator
 
 
@@ -483,7 +406,7 @@ def accelerator_settings(run: RunConfig, env: LaunchEnv) -> dict:
         # (Accelerate would silently drop DeepSpeed).
         "cpu": not env.cuda_available and not run.parallel.deepspeed_config,
         "log_with": trackers(run),
-        "project_dir": str(run_dir(run)),
+        "project_dir": str(run.run_dir),
         "logging_dir": str(logging_dir(run)),
         "init_process_group": (
             {"backend": resolve_backend(run, env), "timeout_seconds": run.parallel.timeout_minute * 60}
@@ -544,7 +467,7 @@ def build_accelerator(run: RunConfig, env: LaunchEnv | None = None) -> Accelerat
         raise ConfigError(
             f"launch mismatch: the config needs {want} with {env.world_size} process(es) but Accelerate set up {got} "
             f"with {accelerator.num_processes} (check the launcher and ACCELERATE_* variables; "
-            "see write_accelerate_config)"
+            "see ironcore config --write-accelerate-config)"
         )
     return accelerator
 
@@ -564,142 +487,3 @@ def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParalle
         plugin.set_mixed_precision(accelerator.mixed_precision)
 
 
-# ---------------------------------------------------------------- accelerate launch config file
-
-
-def launch_distributed_type(run: RunConfig, env: LaunchEnv) -> str:
-    """distributed_type for the config file. Several CPU processes need MULTI_GPU: only that launcher (torchrun)
-    starts them; MULTI_CPU in a file starts one process unless mpirun is configured. Each process then
-    becomes MULTI_CPU DDP through build_accelerator's cpu=True."""
-    if run.parallel.deepspeed_config:
-        return "DEEPSPEED"
-    if run.parallel.use_fsdp:
-        return "FSDP"
-    return "MULTI_GPU" if env.world_size > 1 else "NO"
-
-
-def accelerate_config_file(run: RunConfig, env: LaunchEnv, deepspeed_config_file: str | None = None) -> dict:
-    """The `accelerate launch --config_file` content for `env.world_size` processes.
-
-    With DeepSpeed the file points at `deepspeed_config_file` (the JSON of `deepspeed_config`) and carries
-    no mixed_precision key: Accelerate rejects one next to a DeepSpeed JSON (precision lives in the JSON).
-    For several nodes, add each node's machine_rank and main_process_ip before launching.
-    """
-    check_supported(run, env)
-    kind = launch_distributed_type(run, env)
-    config = {
-        "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": kind,
-        "num_processes": env.world_size,
-        "num_machines": env.num_nodes,
-        "machine_rank": env.rank // max(1, env.local_world_size),
-        # 0: a free port (single node); several nodes must agree on one.
-        "main_process_port": 0 if env.num_nodes == 1 else 29500,
-        "rdzv_backend": "static",
-        "same_network": True,
-        "gpu_ids": "all",
-        "use_cpu": not env.cuda_available and kind not in ("DEEPSPEED", "FSDP"),
-        "debug": False,
-        "downcast_bf16": "no",
-        "enable_cpu_affinity": False,
-        "tpu_use_cluster": False,
-        "tpu_use_sudo": False,
-    }
-    if kind == "DEEPSPEED":
-        if deepspeed_config_file is None:
-            raise ValueError("a DeepSpeed launch config needs deepspeed_config_file (see write_accelerate_config)")
-        stage3 = deepspeed_config(run, env)["zero_optimization"].get("stage") == 3
-        config["deepspeed_config"] = {
-            "deepspeed_config_file": deepspeed_config_file,
-            "zero3_init_flag": stage3,
-            "deepspeed_multinode_launcher": "standard",
-        }
-    else:
-        config["mixed_precision"] = mixed_precision(run)
-    if kind == "FSDP":
-        s = fsdp_settings(run, env)
-        config["fsdp_config"] = {
-            "fsdp_version": 2,
-            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "fsdp_transformer_layer_cls_to_wrap": DECODER_LAYER_CLASS,
-            "fsdp_reshard_after_forward": s["reshard_after_forward"],
-            "fsdp_offload_params": s["cpu_offload"],
-            "fsdp_state_dict_type": s["state_dict_type"],
-            "fsdp_cpu_ram_efficient_loading": s["cpu_ram_efficient_loading"],
-            "fsdp_activation_checkpointing": s["activation_checkpointing"],
-        }
-        if s["hsdp"]:
-            config["parallelism_config"] = {
-                "parallelism_config_dp_replicate_size": s["hsdp"]["dp_replicate_size"],
-                "parallelism_config_dp_shard_size": s["hsdp"]["dp_shard_size"],
-            }
-    return config
-
-
-def write_accelerate_config(run: RunConfig, path: str | os.PathLike, world_size: int) -> Path:
-    """Write the accelerate config YAML (and `<stem>.deepspeed.json` next to it for DeepSpeed) for a
-    single-node launch of `world_size` processes on this machine; returns the YAML path."""
-    env = LaunchEnv.from_environ({}, world_size=world_size)
-    if env.cuda_available and world_size > env.num_gpus:
-        raise ConfigError(f"accelerate config: {world_size} processes but this machine has {env.num_gpus} GPUs")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds_path = None
-    ds = deepspeed_config(run, env) if run.parallel.deepspeed_config else None
-    if ds is not None:
-        ds_path = path.with_name(f"{path.stem}.deepspeed.json")
-        ds_path.write_text(json.dumps(ds, indent=2) + "\n")
-    config = accelerate_config_file(run, env, str(ds_path.resolve()) if ds_path else None)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-# ---------------------------------------------------------------- explain
-
-
-def _sharding(run: RunConfig, env: LaunchEnv, plan: BatchPlan) -> Sharding:
-    ds = deepspeed_config(run, env)
-    if ds is not None:
-        zero = ds["zero_optimization"]
-        return Sharding(
-            engine="deepspeed",
-            shard_size=plan.data_parallel_size,
-            zero_stage=zero.get("stage", 0),
-            offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") != "none",
-            offload_params=zero.get("offload_param", {}).get("device", "none") != "none",
-        )
-    s = fsdp_settings(run, env)
-    if s is not None:
-        shard = s["hsdp"]["dp_shard_size"] if s["hsdp"] else plan.data_parallel_size
-        return Sharding(engine="fsdp", shard_size=shard, offload_params=s["cpu_offload"])
-    return Sharding()
-
-
-def explain(run: RunConfig, env: LaunchEnv) -> dict:
-    """Everything a launch of `run` in `env` would use, as a JSON-able dict: batch arithmetic, Accelerator
-    arguments, DeepSpeed JSON, FSDP settings, conversions made, and the size/FLOPs/memory estimate."""
-    settings = accelerator_settings(run, env)
-    plan = batch_plan(run, env)
-    return {
-        "launch": asdict(env),
-        "batch": {
-            **asdict(plan),
-            "formula": (
-                f"{plan.micro_batch_size} micro x {plan.gradient_accumulation_steps} accumulation x "
-                f"{plan.data_parallel_size} data-parallel = {plan.global_batch_size} sequences per optimizer step "
-                f"(data-parallel = world {plan.world_size} / (tp {plan.tensor_parallel_size} x pp "
-                f"{plan.pipeline_parallel_size}))"
-            ),
-        },
-        "accelerator": settings,
-        "launch_config_distributed_type": launch_distributed_type(run, env),
-        "trackers": {
-            "environ": tracker_environ(run),
-            "project_name": tracker_project_name(run),
-            "init_kwargs": tracker_init_kwargs(run),
-        },
-        "deepspeed": deepspeed_config(run, env),
-        "fsdp": fsdp_settings(run, env),
-        "notes": notes(run, env),
-        "estimate": estimate(run, _sharding(run, env, plan)),
-    }

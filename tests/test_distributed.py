@@ -18,7 +18,7 @@ import datasets
 import pytest
 import torch
 from helpers_dist import (
-    BASELINE, PRETRAIN, STEPS, baseline_run, checkpoints, child_env, copy_stopped_at, latest, losses, run, samples,
+    PRETRAIN, STEPS, baseline_run, checkpoints, child_env, copy_stopped_at, latest, losses, run, samples,
 )
 from safetensors.torch import load_file
 

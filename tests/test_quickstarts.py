@@ -5,7 +5,6 @@ on held-out pairs. Full length (400 / 300 / 200 steps) they take about 50 / 90 /
 
 from __future__ import annotations
 
-import pytest
 
 from helpers_train import CACHE, REPO, read_metrics, reset_accelerate, restored_environ, series
 from ironcore import cli

@@ -23,7 +23,6 @@ from ironcore.config.schema import (
     DataConfig,
     ModelConfig,
     OperationConfig,
-    ParallelConfig,
     PositionalEmbeddingConfig,
     RunConfig,
     TrainerConfig,
@@ -31,10 +30,11 @@ from ironcore.config.schema import (
 )
 from ironcore.errors import ConfigError
 from ironcore.estimate import Sharding, count_parameters, estimate, estimate_memory, flops_per_token
+from ironcore.launch_config import accelerate_config_file, explain, write_accelerate_config
+from ironcore.trackers import tracker_environ, tracker_init_kwargs, tracker_project_name, trackers
 from ironcore.translate import (
     DS_PRESETS,
     LaunchEnv,
-    accelerate_config_file,
     accelerator_kwargs,
     accelerator_settings,
     batch_plan,
@@ -42,19 +42,12 @@ from ironcore.translate import (
     check_supported,
     deepspeed_config,
     deepspeed_plugin,
-    explain,
     fsdp_plugin,
     fsdp_settings,
     mixed_precision,
     notes,
     parallelism_config,
     resolve_backend,
-    run_dir,
-    tracker_environ,
-    tracker_init_kwargs,
-    tracker_project_name,
-    trackers,
-    write_accelerate_config,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,8 +101,8 @@ def test_launch_env_reads_torchrun_variables():
 
 
 def test_run_dir_is_model_path_or_runs_model_name():
-    assert run_dir(make_run(trainer={"model_path": "out/x"})) == Path("out/x")
-    assert run_dir(make_run(trainer={"model_name": "gpt"})) == Path("runs/gpt")
+    assert make_run(trainer={"model_path": "out/x"}).run_dir == Path("out/x")
+    assert make_run(trainer={"model_name": "gpt"}).run_dir == Path("runs/gpt")
 
 
 @pytest.mark.parametrize("precision, expected", [("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "no")])

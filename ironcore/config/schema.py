@@ -8,6 +8,7 @@ field has (choices, ranges) lives next to the field, so validation and documenta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 
@@ -279,6 +280,11 @@ class RunConfig:
     init: InitConfig = field(default_factory=InitConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     utils: UtilsConfig = field(default_factory=UtilsConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the run writes: `trainer.model_path`, or `runs/<model_name>` when it is empty."""
+        return Path(self.trainer.model_path) if self.trainer.model_path else Path("runs") / self.trainer.model_name
 
 
 GROUPS: dict[str, type] = {
