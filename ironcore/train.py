@@ -312,7 +312,11 @@ class Loop:
             loss_sum += result.loss_sum.detach().float()
             for key, value in result.stats.items():
                 stats[key] = stats.get(key, 0) + value.detach().float()
-        loss = (acc.reduce(loss_sum, "sum") / total.clamp(min=1)).item()
+        tokens = sum(b[self.token_key].sum() for b in micro_batches).float()
+        # One all-reduce and one device sync for everything the step logs.
+        sums = acc.reduce(torch.stack([loss_sum, tokens, *stats.values()]), "sum")
+        sums[0] /= total.clamp(min=1)
+        loss, tokens, *values = sums.tolist()
         if not math.isfinite(loss):
             return self.skip_step(step, loss)
         self.nonfinite_in_a_row = 0
@@ -322,9 +326,8 @@ class Loop:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        tokens = int(acc.reduce(sum(b[self.token_key].sum() for b in micro_batches).float(), "sum").item())
-        reduced = {k: acc.reduce(v, "sum").item() for k, v in stats.items()}
-        return StepResult(loss, tokens, grad_norm, self.task.summarize(loss * total.item(), reduced), lr)
+        reduced = dict(zip(stats, values))
+        return StepResult(loss, int(tokens), grad_norm, self.task.summarize(loss * total.item(), reduced), lr)
 
     @property
     def token_key(self) -> str:
