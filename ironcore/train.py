@@ -21,14 +21,14 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from ironcore.checkpoint import CHECKPOINTS_DIR, MODEL_CONFIG_KEY, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from ironcore.config import RunConfig, config_to_dict
 from ironcore.data import TrainLoader, build_eval_loader, build_train_loader, load_tokenizer, prepare_data
 from ironcore.data.loader import make_collator
-from ironcore.errors import ConfigError, IronCoreError
+from ironcore.errors import CheckpointError, ConfigError, IronCoreError
 from ironcore.export import save_hf
 from ironcore.metrics import MetricsLog, flops_per_token, global_norm, memory_report, mfu, non_embedding_param_count, peak_flops
 from ironcore.models import build_model, padded_vocab_size
@@ -186,7 +186,7 @@ def resume(run: RunConfig, out: Path, accelerator: Accelerator, loader, model) -
     if not run.trainer.resume:
         set_aside_checkpoints(out, accelerator)
         return 0
-    ckpt = find_resume_checkpoint(out)
+    ckpt = shared_resume_checkpoint(out, accelerator)
     if ckpt is None:
         return 0
     state = load_checkpoint(
@@ -199,6 +199,25 @@ def resume(run: RunConfig, out: Path, accelerator: Accelerator, loader, model) -
     loader.load_state_dict(state["data"])
     logger.info("Resumed from %s at step %d", ckpt, state["step"], main_process_only=True)
     return int(state["step"])
+
+
+def shared_resume_checkpoint(out: Path, accelerator: Accelerator) -> Path | None:
+    """`find_resume_checkpoint` on the main process only, its answer (or its error) given to every rank.
+
+    The search checksums every file of the checkpoint it picks: one full read of the checkpoint for the run,
+    not one per rank of the same shared directory.
+    """
+    found: list[str | None] = [None, None]
+    if accelerator.is_main_process:
+        try:
+            ckpt = find_resume_checkpoint(out)
+            found[0] = None if ckpt is None else str(ckpt)
+        except CheckpointError as e:
+            found[1] = str(e)
+    broadcast_object_list(found)
+    if found[1] is not None:
+        raise CheckpointError(found[1])
+    return None if found[0] is None else Path(found[0])
 
 
 def set_aside_checkpoints(out: Path, accelerator: Accelerator) -> None:
@@ -403,20 +422,25 @@ class Loop:
         if dataset is None or len(dataset) == 0 or max_samples == 0:
             return {}
         acc = self.accelerator
+        loader = build_eval_loader(dataset, self.cfg, rank=acc.process_index, world_size=acc.num_processes,
+                                   max_samples=max_samples, tokenizer=self.tokenizer)
+        if len(loader) == 0:
+            logger.warning("%s: too few rows (%d) to give each of %d processes one; skipped", split,
+                           min(max_samples, len(dataset)), acc.num_processes, main_process_only=True)
+            return {}
         task = self.eval_tasks.get(split, self.task)
         self.model.eval()
         loss_sum = torch.zeros((), device=acc.device)
         stats: dict[str, torch.Tensor] = {}
-        for batch in build_eval_loader(dataset, self.cfg, rank=acc.process_index, world_size=acc.num_processes,
-                                       max_samples=max_samples, tokenizer=self.tokenizer):
+        for batch in loader:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
                 result = task(self.model, batch)
             loss_sum += result.loss_sum.float()
             for key, value in result.stats.items():
                 stats[key] = stats.get(key, 0) + value.float()
-        reduced = {k: acc.reduce(v, "sum").item() for k, v in stats.items()}
-        summary = task.summarize(acc.reduce(loss_sum, "sum").item(), reduced)
+        loss_total, *values = acc.reduce(torch.stack([loss_sum, *stats.values()]), "sum").tolist()
+        summary = task.summarize(loss_total, dict(zip(stats, values)))
         self.record(step, {f"{split}/{k}": v for k, v in summary.items()})
         logger.info("%s at step %d | %s", split, step, " | ".join(f"{k} {v:.4g}" for k, v in summary.items()),
                     main_process_only=True)

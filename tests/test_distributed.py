@@ -18,7 +18,7 @@ import datasets
 import pytest
 import torch
 from helpers_dist import (
-    PRETRAIN, STEPS, baseline_run, checkpoints, child_env, copy_stopped_at, latest, losses, run, samples,
+    PRETRAIN, STEPS, baseline_run, checkpoints, child_env, copy_stopped_at, latest, losses, read_jsonl, run, samples,
 )
 from safetensors.torch import load_file
 
@@ -112,6 +112,18 @@ def test_ddp_export_is_the_trained_weights(ddp, baseline):
     assert weight_diff(exported, load_file(baseline / "export" / "model.safetensors")) <= 1e-4
     assert checkpoints(ddp) == ["step_4", "step_6"]
 
+
+
+def test_two_ranks_resume_from_the_checkpoint_the_main_process_found(ddp, tmp_path):
+    """Only the main process searches (and checksums) the checkpoints; both ranks fall back to its pick."""
+    run_dir = shutil.copytree(ddp, tmp_path / "run")
+    weights = run_dir / "checkpoints" / "step_6" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = len(read_jsonl(run_dir / "metrics.jsonl"))
+    result = run(run_dir, DDP, nproc=2, launcher="accelerate")
+    assert result.output.count("names step_6, which is not usable") == 1, result.output[-3000:]
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")[before:] if "loss" in r] == [5, 6]
+    assert losses(run_dir) == losses(ddp)
 
 # ---------------------------------------------------------------- FSDP2 on 2 CPU processes (Accelerate's path, on gloo)
 
@@ -234,6 +246,15 @@ def test_deepspeed_resume_with_another_world_size_is_refused(deepspeed, tmp_path
     [line] = error_lines(result.output)
     assert "sharded over 2 processes" in line and "this run has 1" in line
 
+
+
+def test_an_eval_split_smaller_than_the_world_is_skipped_with_a_warning(tmp_path):
+    """One eval row cannot be split over 2 ranks (each evaluates an equal share): said once, and training goes on."""
+    overrides = [*FAULT, "operation.train_steps=2", "trainer.do_eval=true", "operation.eval_interval=1",
+                 "operation.eval_samples=1"]
+    result = run(tmp_path / "run", overrides, nproc=2, fresh=True)
+    assert result.output.count("eval: too few rows (1) to give each of 2 processes one; skipped") == 2  # steps 1, 2
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
 
 # ---------------------------------------------------------------- a rank that dies or stalls
 
