@@ -145,6 +145,10 @@ def build_tasks(run: RunConfig, model: torch.nn.Module, data, tokenizer, acceler
         return {"train": task, "eval": task, "test": task}
     reference = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
     if not run.optim.dpo_precompute_ref:
+        if shards_parameters(accelerator):
+            logger.warning("DPO: the live reference model is a full, unsharded copy on every rank (only the trained "
+                           "model is sharded); optim.dpo_precompute_ref=true scores the pairs once and frees it",
+                           main_process_only=True)
         task = DirectPreference(run.optim.dpo_beta, reference=reference)
         return {"train": task, "eval": task, "test": task}
     limits = {"train": None, "eval": run.operation.eval_samples, "test": run.operation.test_samples}
@@ -158,6 +162,13 @@ def build_tasks(run: RunConfig, model: torch.nn.Module, data, tokenizer, acceler
             table = reference_logps(reference, batches, max(rows, 1), accelerator.device)
         tasks[split] = DirectPreference(run.optim.dpo_beta, reference_logps=accelerator.reduce(table, "sum"))
     return tasks
+
+
+def shards_parameters(accelerator: Accelerator) -> bool:
+    """FSDP or DeepSpeed ZeRO-3: each rank holds a shard of the prepared model's parameters."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def every_row_once(dataset, run: RunConfig, tokenizer, rows: int, *, rank: int, world_size: int) -> Iterator[Batch]:

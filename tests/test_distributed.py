@@ -1,6 +1,6 @@
 """Two CPU processes end to end (issue #6): DDP parity with one process, FSDP2 (full and sharded checkpoints) and
-DeepSpeed ZeRO-2/3 train-save-resume-export, a rank that dies or stalls, and the clear refusals (sharded resume with
-another world size, tensor parallelism).
+DeepSpeed ZeRO-2/3 train-save-resume-export, DPO under DDP / FSDP / ZeRO-3 against one process, a rank that dies or
+stalls, and the clear refusals (sharded resume with another world size, tensor parallelism).
 
 Every run is a real `ironcore train` subprocess on the tiny fp32 model, launched with torchrun or
 `accelerate launch --multi_gpu --num_processes 2` (helpers_dist); each is launched once and read by several tests.
@@ -18,7 +18,8 @@ import datasets
 import pytest
 import torch
 from helpers_dist import (
-    PRETRAIN, STEPS, baseline_run, checkpoints, child_env, copy_stopped_at, latest, losses, read_jsonl, run, samples,
+    PRETRAIN, STEPS, TINY, baseline_run, checkpoints, child_env, copy_stopped_at, latest, losses, read_jsonl, run,
+    samples,
 )
 from safetensors.torch import load_file
 
@@ -255,6 +256,37 @@ def test_an_eval_split_smaller_than_the_world_is_skipped_with_a_warning(tmp_path
     result = run(tmp_path / "run", overrides, nproc=2, fresh=True)
     assert result.output.count("eval: too few rows (1) to give each of 2 processes one; skipped") == 2  # steps 1, 2
     assert sorted(losses(tmp_path / "run")) == [1, 2]
+
+
+# ---------------------------------------------------------------- DPO on 2 CPU processes
+
+DPO = ["data.config_path=builtin_dpo", *TINY, STEPS_OF, "trainer.gradient_accumulation_steps=1"]
+DPO_LAYOUTS = {
+    "ddp": [],
+    "fsdp": ["parallel.use_fsdp=true"],
+    "zero3": ["parallel.deepspeed_config=zero3"],
+    "fsdp-precomputed": ["parallel.use_fsdp=true", "optim.dpo_precompute_ref=true"],
+}
+UNSHARDED_REFERENCE = "the live reference model is a full, unsharded copy on every rank"
+
+
+@pytest.fixture(scope="module")
+def dpo_baseline(tmp_path_factory) -> Path:
+    """One process, 4 pairs per step: the global batch of 2 ranks x 2 pairs."""
+    run_dir = tmp_path_factory.mktemp("dpo") / "one"
+    run(run_dir, [*DPO, "trainer.micro_batch_size=4"], fresh=True)
+    return run_dir
+
+
+@pytest.mark.parametrize("layout", sorted(DPO_LAYOUTS))
+def test_dpo_on_two_ranks_matches_one_process(layout, dpo_baseline, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run(run_dir, [*DPO, "trainer.micro_batch_size=2", *DPO_LAYOUTS[layout]], nproc=2, fresh=True)
+    assert max_diff(losses(run_dir), losses(dpo_baseline)) <= TOL
+    assert abs(losses(run_dir)[STEPS] - losses(run_dir)[1]) > 1e-4  # the policy moved away from the reference
+    sharded_live_reference = layout in ("fsdp", "zero3")
+    assert result.output.count(UNSHARDED_REFERENCE) == int(sharded_live_reference)
+
 
 # ---------------------------------------------------------------- a rank that dies or stalls
 
