@@ -45,8 +45,10 @@ TINY = [
 PRETRAIN = ["data.config_path=builtin_pretrain", *TINY]
 SFT = ["data.config_path=builtin_sft", "data.pack_sequences=true", *TINY]
 STEPS = 6
+# Evaluation at steps 3 and 6 on 16 held-out rows, for the runs whose eval loss is compared across layouts.
+EVAL = ["trainer.do_eval=true", "operation.eval_interval=3", "operation.eval_samples=16"]
 # The single-process reference: 6 steps of 4 rows x 2 accumulation steps, a checkpoint every 2, the newest 2 kept.
-BASELINE = [*PRETRAIN, f"operation.train_steps={STEPS}", "trainer.micro_batch_size=4",
+BASELINE = [*PRETRAIN, *EVAL, f"operation.train_steps={STEPS}", "trainer.micro_batch_size=4",
             "trainer.gradient_accumulation_steps=2", "trainer.save_checkpoint_steps=2"]
 
 
@@ -190,6 +192,19 @@ def read_jsonl(path: Path) -> list[dict]:
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss from metrics.jsonl; after a resume the last record of a step wins."""
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def eval_losses(run_dir: Path) -> dict[int, float]:
+    """step -> eval loss from metrics.jsonl; after a resume the last record of a step wins."""
+    return {r["step"]: r["eval/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "eval/loss" in r}
+
+
+def assert_continued(run_dir: Path) -> None:
+    """The relaunch of a stopped run resumed it: each step logged once, in order, and no fresh start set the
+    checkpoints aside (a relaunch that silently started over would log steps 1-3 twice, or move them)."""
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, STEPS + 1)), steps
+    assert not list(run_dir.glob("checkpoints.old-*"))
 
 
 def samples(run_dir: Path) -> dict[int, list[int]]:

@@ -5,6 +5,10 @@ on held-out pairs. Full length (400 / 300 / 200 steps) they take about 50 / 90 /
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 
 from helpers_train import CACHE, REPO, read_metrics, reset_accelerate, restored_environ, series
 from ironcore import cli
@@ -48,3 +52,22 @@ def test_dpo_quickstart_prefers_chosen_on_held_out_pairs(tmp_path):
     assert losses[5] < 0.7 and losses[30] < losses[5] - 0.15
     assert series(records, "eval/reward_accuracy")[30] > 0.5
     assert series(records, "eval/reward_margin")[30] > 0
+
+
+def test_readme_quickstart_script_trains_exports_and_generates(tmp_path):
+    """`bash examples/quickstart.sh` as the README's main command runs it, shortened by its override arguments, from
+    a copy of examples/ so the run lands in the copy's runs/quickstart; presets come from the installed package."""
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    for name in ("quickstart.sh", "pretrain.yaml"):
+        shutil.copy(REPO / "examples" / name, examples / name)
+    env = {**os.environ, "IRONCORE_CACHE": str(CACHE), "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    script = ["bash", str(examples / "quickstart.sh"), *short(30), "optim.warmup_steps=5"]
+    result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    export = tmp_path / "runs" / "quickstart" / "export"
+    assert (export / "model.safetensors").is_file()
+    assert result.stdout.count("model exported to") == 1
+    [sample] = [line for line in result.stdout.splitlines() if line.startswith("The return value of")]
+    assert len(sample) > len("The return value of")
+    assert max(r["step"] for r in read_metrics(tmp_path / "runs" / "quickstart")) == 30
