@@ -77,8 +77,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def export_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="re-export a run (or model dir) as an IronCore, GPT-2 or LLaMA HF directory")
-    p.add_argument("src", help="run directory or IronCore model directory")
+    p = sub.add_parser("export", help="re-export a run, checkpoint or model dir as an IronCore, GPT-2 or LLaMA HF directory")
+    p.add_argument("src", help="run directory, checkpoint directory (RUN_DIR/checkpoints/step_N) or model directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--arch", choices=["ironcore", "gpt2", "llama"], default="ironcore")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this Hub repo")

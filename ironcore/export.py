@@ -66,18 +66,68 @@ def export_source(src: Path) -> Path:
     for candidate in (src / "export", src):
         if (candidate / "config.json").is_file():
             return candidate
-    raise CheckpointError(f"{src}: neither a run directory with export/ nor a model directory with config.json")
+    raise CheckpointError(
+        f"{src}: neither a run directory with export/, a checkpoint directory (checkpoints/step_N) nor a model "
+        "directory with config.json"
+    )
+
+
+def is_checkpoint(src: Path) -> bool:
+    """Whether `src` is a training checkpoint (`<run_dir>/checkpoints/step_N`): it holds the loop's train state."""
+    from ironcore.checkpoint import TRAIN_STATE_FILE
+
+    return (src / TRAIN_STATE_FILE).is_file()
+
+
+def load_checkpoint_model(ckpt: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer of a training checkpoint, for exporting a step other than the final one.
+
+    A checkpoint holds weights and training state but no model config or tokenizer: both come from the resolved
+    `config.yaml` of its run directory (two levels up), resolved for the world size it was trained with so the
+    export does not depend on the launch environment. The checkpoint must be complete (marker and file sizes, not
+    checksums, which would also read the optimizer state). Only a full `model.safetensors` is read: DeepSpeed and
+    sharded FSDP checkpoints keep per-rank shards that need their engine to be gathered.
+    """
+    import yaml
+    from safetensors.torch import load_file
+    from transformers.initialization import no_init_weights
+
+    from ironcore.checkpoint import verify_checkpoint
+    from ironcore.config import config_from_dict
+    from ironcore.data import load_tokenizer
+    from ironcore.models import IronCoreConfig, IronCoreForCausalLM
+    from ironcore.models.conversion import load_state
+
+    verify_checkpoint(ckpt, checksums=False)
+    config_file, weights = ckpt.parent.parent / "config.yaml", ckpt / "model.safetensors"
+    if not config_file.is_file():
+        raise CheckpointError(f"{ckpt}: its run directory has no config.yaml to build the model and tokenizer from")
+    if not weights.is_file():
+        raise CheckpointError(f"{ckpt}: no model.safetensors (a DeepSpeed or sharded FSDP checkpoint); export the "
+                              "run directory after training, or a checkpoint saved with full weights")
+    raw = yaml.safe_load(config_file.read_text())
+    run = config_from_dict(raw, world_size=raw["parallel"]["world_size"])
+    with no_init_weights():
+        model = IronCoreForCausalLM(IronCoreConfig.from_run_config(run))
+    model.tie_weights()
+    load_state(model, load_file(weights), str(ckpt))
+    return model, load_tokenizer(run)
 
 
 def export(src: Path, out_dir: Path, arch: Arch = "ironcore", push_to_hub: str | None = None) -> Path:
-    """Re-export a finished run (or an IronCore model dir) as `arch`, optionally uploading it."""
+    """Re-export a finished run, one of its checkpoints, or an IronCore / GPT-2 / LLaMA model dir as `arch`,
+    optionally uploading it."""
     from transformers import AutoTokenizer
 
     from ironcore.models import load_pretrained
 
-    source = export_source(Path(src))
-    model = load_pretrained(source)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    src = Path(src)
+    if is_checkpoint(src):
+        model, tokenizer = load_checkpoint_model(src)
+    else:
+        source = export_source(src)
+        model = load_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     write_export(model, tokenizer, Path(out_dir), arch=arch)
     if push_to_hub:
         push(Path(out_dir), push_to_hub)

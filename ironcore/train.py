@@ -93,7 +93,7 @@ def build_loop(run: RunConfig, out: Path) -> tuple[Loop, TrainLoader]:
     """Accelerator, tokenizer, data, model, task(s), optimizer and schedule, prepared, and this rank's train loader:
     everything `train` needs before resuming. Tests drive `Loop.train_step` on exactly these pieces."""
     accelerator = build_accelerator(run)
-    logging.basicConfig(level=run.utils.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(run.utils.log_level)
     if run.utils.deterministic:
         torch.use_deterministic_algorithms(True)
     set_seed(run.init.seed)
@@ -112,6 +112,15 @@ def build_loop(run: RunConfig, out: Path) -> tuple[Loop, TrainLoader]:
                                 tokenizer=tokenizer)
     loop = Loop(run, out, accelerator, model, optimizer, scheduler, tasks["train"], data, tokenizer, eval_tasks=tasks)
     return loop, loader
+
+
+def configure_logging(level: str) -> None:
+    """Apply `utils.log_level`: a stderr handler on the root logger when the process has none yet, and the level of
+    IronCore's own loggers in every case. `logging.basicConfig` alone does nothing once the root logger has a
+    handler (an application or test runner that set up logging, an earlier run in the same process), which would
+    silently keep the loop's info lines hidden at INFO, or shown at WARNING."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ironcore").setLevel(level)
 
 
 def release_engine(accelerator: Accelerator, model) -> None:

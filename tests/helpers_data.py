@@ -7,6 +7,8 @@ Two tokenizers (vocab 768, trained from a slice of the built-in corpus in about 
 - `default_tok`: IronCore's tokenizer layout with the default ChatML-like template (`{% generation %}` path);
 - `own_tok`: brings its own template (no generation blocks, `<|end|>` ends turns, BOS first), like a hub
   chat model, so the span path is exercised.
+A third, `llama_tok_dir`, is laid out like a LLaMA checkpoint's tokenizer (`LlamaTokenizer` class,
+SentencePiece-style BPE, `<s>` added before every text, `</s>` as EOS, no chat template).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import datasets
 import pytest
-from transformers import AutoTokenizer
+from tokenizers import SentencePieceBPETokenizer
+from transformers import AutoTokenizer, LlamaTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -58,6 +61,17 @@ def default_tok_dir_fixture(tmp_path_factory) -> Path:
 def own_tok_dir_fixture(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tok_own")
     train_tokenizer(corpus(), path, vocab_size=VOCAB, extra_special_tokens=OWN_SPECIALS, chat_template=OWN_TEMPLATE)
+    return path
+
+
+@pytest.fixture(scope="session", name="llama_tok_dir")
+def llama_tok_dir_fixture(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok_llama")
+    bpe = SentencePieceBPETokenizer()
+    bpe.train_from_iterator(corpus(), vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    model = json.loads(bpe.to_str())["model"]
+    LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], add_bos_token=True).save_pretrained(
+        str(path))
     return path
 
 

@@ -8,6 +8,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from ironcore.cli import main
 from ironcore.config import GROUPS, config_to_dict, load_config
@@ -155,6 +157,111 @@ def test_cli_prints_every_field_as_json(cfg, capsys):
     assert set(printed) == set(GROUPS)
     for group, cls in GROUPS.items():
         assert set(printed[group]) == {f.name for f in dataclasses.fields(cls)}
+
+
+def cli_output(capsys, *argv: str) -> dict:
+    """Run `ironcore config ...` in-process and parse what it printed (YAML or JSON)."""
+    assert main(["config", *argv]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out) if "json" in argv else yaml.safe_load(out)
+
+
+def test_cli_yaml_explain_shows_every_group_and_what_a_deepspeed_launch_uses(cfg, capsys):
+    from ironcore.models import IronCoreConfig, IronCoreForCausalLM
+
+    overrides = ["parallel.deepspeed_config=zero2", "optim.clip_grad=0.3"]
+    argv = [str(cfg), "--world-size", "2", "--explain", *overrides]
+    printed = cli_output(capsys, *argv, "--format", "yaml")
+    assert set(printed) == {*GROUPS, "explain"}
+    for group, cls in GROUPS.items():
+        assert set(printed[group]) == {f.name for f in dataclasses.fields(cls)}, group
+    assert printed["parallel"]["world_size"] == 2 and printed["trainer"]["train_batch_size"] == 8  # 4 x 1 x 2
+    explained = printed["explain"]
+    assert explained["batch"]["formula"].startswith("4 micro x 1 accumulation x 2 data-parallel = 8")
+    accelerator = explained["accelerator"]
+    assert (accelerator["distributed_type"], accelerator["num_processes"]) == ("DEEPSPEED", 2)
+    assert (accelerator["mixed_precision"], accelerator["gradient_accumulation_steps"]) == ("bf16", 1)
+    ds = explained["deepspeed"]
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 4, 1)
+    assert ds["gradient_clipping"] == 0.3 and ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"]
+    assert explained["fsdp"] is None
+    estimate = explained["estimate"]
+    with torch.device("meta"):
+        model = IronCoreForCausalLM(IronCoreConfig.from_run_config(load_config(cfg, overrides, world_size=2)))
+    assert estimate["parameters"]["total"] == model.num_parameters()
+    assert estimate["flops_per_token"] > 6 * estimate["parameters"]["non_embedding"]
+    memory = estimate["memory_bytes"]
+    parts = ("weights", "gradients", "optimizer", "activations", "logits")
+    assert all(memory[part] > 0 for part in parts)
+    assert memory["device_total"] == sum(memory[part] for part in parts) - memory["offloaded_to_host"]
+    assert estimate["sharding"]["zero_stage"] == 2 and estimate["sharding"]["shard_size"] == 2
+    assert cli_output(capsys, *argv, "--format", "json") == printed  # both formats print the same report
+
+
+def test_cli_json_explain_shows_fsdp_settings(cfg, capsys):
+    printed = cli_output(capsys, str(cfg), "--format", "json", "--world-size", "2", "--explain", "parallel.use_fsdp=true",
+                         "parallel.fsdp_state_dict_type=sharded")
+    assert set(printed) == {*GROUPS, "explain"}
+    explained = printed["explain"]
+    assert explained["accelerator"]["distributed_type"] == "FSDP" and explained["deepspeed"] is None
+    fsdp = explained["fsdp"]
+    assert fsdp["state_dict_type"] == "SHARDED_STATE_DICT" and fsdp["cpu_offload"] is False
+    assert fsdp["reshard_after_forward"] is True and fsdp["hsdp"] is None
+    assert explained["estimate"]["sharding"]["engine"] == "fsdp"
+    assert "explain" not in cli_output(capsys, str(cfg), "--format", "json")  # only with --explain
+
+
+def test_cli_writes_an_accelerate_config_file(cfg, tmp_path, capsys, monkeypatch):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU launch on any machine
+    out = tmp_path / "launch" / "accelerate.yaml"
+    printed = cli_output(capsys, str(cfg), "--world-size", "2", "--write-accelerate-config", str(out))
+    assert set(printed) == set(GROUPS)  # the resolved config is still printed
+    written = yaml.safe_load(out.read_text())
+    assert written["compute_environment"] == "LOCAL_MACHINE"
+    assert (written["distributed_type"], written["num_processes"], written["num_machines"]) == ("MULTI_GPU", 2, 1)
+    assert (written["mixed_precision"], written["use_cpu"]) == ("bf16", True)
+    assert "deepspeed_config" not in written and "fsdp_config" not in written
+    launch = load_config_from_file(str(out))  # what `accelerate launch --config_file` reads
+    assert (launch.distributed_type.value, launch.num_processes, launch.use_cpu) == ("MULTI_GPU", 2, True)
+
+    ds_out = tmp_path / "ds.yaml"
+    cli_output(capsys, str(cfg), "--world-size", "2", "--write-accelerate-config", str(ds_out),
+               "parallel.deepspeed_config=zero3")
+    written = yaml.safe_load(ds_out.read_text())
+    assert written["distributed_type"] == "DEEPSPEED" and "mixed_precision" not in written
+    ds_file = Path(written["deepspeed_config"]["deepspeed_config_file"])
+    assert ds_file == (tmp_path / "ds.deepspeed.json").resolve() and written["deepspeed_config"]["zero3_init_flag"]
+    assert json.loads(ds_file.read_text())["zero_optimization"]["stage"] == 3
+    assert load_config_from_file(str(ds_out)).distributed_type.value == "DEEPSPEED"
+
+
+def test_preset_lookup_order_file_tree_then_cwd_then_packaged(tmp_path, monkeypatch):
+    """`model: NAME` is looked up in the run file's own configs/ tree, then ./configs, then the packaged presets."""
+    cwd = tmp_path / "cwd"
+    write(cwd / "configs/model/gpt2-small.yaml", "d_model: 96\n")
+    write(cwd / "configs/model/cwd-only.yaml", "d_model: 80\n")
+    project = tmp_path / "project/configs"
+    write(project / "model/gpt2-small.yaml", "d_model: 112\n")
+    write(project / "model/other.yaml", "d_model: 48\n")  # a tree of its own, without cwd-only
+    in_tree = write(project / "run.yaml", "model: gpt2-small\n")
+    tree_miss = write(project / "run_cwd.yaml", "model: cwd-only\n")
+    loose = write(tmp_path / "loose/run.yaml", "model: gpt2-small\n")  # no configs/ tree above it
+
+    monkeypatch.chdir(cwd)
+    assert load_config(tree_miss).model.d_model == 80  # not in the file's tree: the cwd's
+    assert load_config(loose).model.d_model == 96  # the cwd's shadows the packaged preset
+    assert load_config(None, ["model=gpt2-small"]).model.d_model == 96
+    assert load_config(in_tree).model.d_model == 112  # the file's own tree shadows the cwd's
+    with pytest.raises(ConfigError, match="no preset named 'other'"):  # another tree's presets are never seen
+        load_config(loose, ["model=other"])
+
+    monkeypatch.chdir(tmp_path / "loose")
+    assert load_config(loose).model.d_model == 768  # nothing local: the packaged preset
+    assert load_config(in_tree).model.d_model == 112
+    with pytest.raises(ConfigError, match="no preset named 'cwd-only'"):
+        load_config(loose, ["model=cwd-only"])
 
 
 def test_installed_package_finds_shipped_presets(tmp_path):

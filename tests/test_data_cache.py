@@ -25,7 +25,7 @@ from helpers_data import (  # noqa: F401
     write_jsonl,
 )
 
-from ironcore.data import load_tokenizer, prepare_data
+from ironcore.data import load_tokenizer, prepare_data, pretrain, sft
 from ironcore.data import prepare as prepare_module
 from ironcore.data.cache import MARKER
 
@@ -169,3 +169,24 @@ def test_worker_processes(tmp_path, default_tok_dir, calls):
     calls.update(load=0)
     blocks = build(make_run(tmp_path, "pretrain", [spec(text)], default_tok_dir, num_workers=2)).train
     assert calls["load"] == 1 and len(blocks) > 0 and set(map(len, blocks["input_ids"])) == {64}
+
+
+def test_num_workers_tokenize_in_that_many_processes(tmp_path, default_tok_dir, monkeypatch):
+    """`data.num_workers: 2` reaches `datasets.map` as num_proc: two worker processes (not this one) tokenize."""
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+
+    def recording(real):
+        def batch_fn(*args, **kwargs):
+            (pid_dir / f"{real.__module__}-{os.getpid()}").touch()
+            return real(*args, **kwargs)
+        return batch_fn
+
+    monkeypatch.setattr(sft, "_sft_batch", recording(sft._sft_batch))
+    monkeypatch.setattr(pretrain, "_blocks", recording(pretrain._blocks))
+    build(make_run(tmp_path, "sft", [spec(write_jsonl(tmp_path / "c.jsonl", chat_rows(8)))], default_tok_dir, num_workers=2))
+    build(make_run(tmp_path, "pretrain", [spec(write_jsonl(tmp_path / "t.jsonl", text_rows(8)))], default_tok_dir,
+                   num_workers=2))
+    for module in ("ironcore.data.sft", "ironcore.data.pretrain"):
+        pids = {int(p.name.rpartition("-")[2]) for p in pid_dir.glob(f"{module}-*")}
+        assert len(pids) == 2 and os.getpid() not in pids, (module, pids)

@@ -212,6 +212,35 @@ def test_padding_with_eos_keeps_trained_eos(tmp_path, default_tok_dir):
         assert batch["labels"][b, last_trained] == eos and last_trained < n
 
 
+@pytest.mark.parametrize("pad_to_max_length", [True, False])
+@pytest.mark.parametrize("pad_token", ["pad_token_id", "eos_token_id"])
+def test_explicit_pad_token_id_pads_with_it_and_keeps_trained_eos(tmp_path, default_tok_dir, default_tok, pad_token,
+                                                                   pad_to_max_length):
+    """pad_token_id >= 0 (here `<|pad|>`, or the EOS id given explicitly) fills pad positions with that id; labels
+    on real tokens are untouched, so every trained EOS keeps its label even when the pad id is the EOS id."""
+    pad_id = getattr(default_tok, pad_token)
+    assert pad_id >= 0 and (pad_id == default_tok.eos_token_id) == (pad_token == "eos_token_id")
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * (1 + 5 * i)}]}
+            for i in range(4)]
+    run = make_run(tmp_path, "sft", [spec(write_jsonl(tmp_path / "c.jsonl", rows))], default_tok_dir,
+                   pad_to_max_length=pad_to_max_length, pad_token_id=pad_id)
+    tokenizer = load_tokenizer(run)
+    prepared = prepare_data(run, tokenizer)
+    batch = next(iter(build_eval_loader(prepared.train, run, rank=0, world_size=1, max_samples=None, tokenizer=tokenizer)))
+    lengths = [len(ids) for ids in prepared.train["input_ids"]]
+    width = 64 if pad_to_max_length else max(lengths)
+    assert batch["input_ids"].shape == (4, width) and min(lengths) < width
+    for b in range(4):
+        row = prepared.train[int(batch["sample_ids"][b])]
+        n = len(row["input_ids"])
+        assert batch["input_ids"][b, :n].tolist() == row["input_ids"] and batch["labels"][b, :n].tolist() == row["labels"]
+        assert batch["input_ids"][b, n:].tolist() == [pad_id] * (width - n)
+        assert batch["labels"][b, n:].tolist() == [IGNORE_INDEX] * (width - n)
+        assert batch["attention_mask"][b].tolist() == [1] * n + [0] * (width - n)
+        last_trained = int((batch["labels"][b] != IGNORE_INDEX).nonzero().max())
+        assert batch["labels"][b, last_trained] == tokenizer.eos_token_id and last_trained < n
+
+
 def test_templates_that_reject_rows_or_are_not_prefix_stable(tmp_path, own_tok_dir):
     rows = chat_rows(4) + [{"messages": [{"role": "system", "content": "s"}, *chat_rows(1)[0]["messages"]]}]
     path = write_jsonl(tmp_path / "c.jsonl", rows)

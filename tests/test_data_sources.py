@@ -13,10 +13,12 @@ from helpers_data import (  # noqa: F401
     own_tok_fixture,
     spec,
     text_rows,
+    trained_runs,
     write_jsonl,
 )
 
 from ironcore.data import load_tokenizer, prepare_data
+from ironcore.data import sources as sources_module
 from ironcore.data.sources import load_source
 from ironcore.errors import ConfigError, DataError
 
@@ -60,6 +62,51 @@ def test_folder_splits_and_separate_eval_datasets(tmp_path, default_tok_dir):
     assert set(prepared.stats["datasets"]) == {"hub_like", "eval:heldout"}
     assert list(prepared.stats["datasets"]["hub_like"]["splits"]) == ["train"]
     assert prepared.test is None
+
+
+def answers(tokenizer, ds) -> list[str]:
+    """The decoded trained spans of every SFT row, sorted."""
+    return sorted(tokenizer.decode(r) for row in ds for r in trained_runs(row["input_ids"], row["labels"]))
+
+
+def expected_answers(tokenizer, rows) -> list[str]:
+    return sorted(r["messages"][1]["content"] + tokenizer.eos_token for r in rows)
+
+
+def test_hub_name_passes_subset_and_split_and_its_rows_are_used(tmp_path, default_tok_dir, monkeypatch):
+    """A Hub name goes to `datasets.load_dataset(name, subset, split=...)`; the rows it returns are what is trained."""
+    rows = {"en": chat_rows(6), "fr": chat_rows(4, offset=50)}
+    calls = []
+
+    def fake_load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return datasets.Dataset.from_list(rows[args[1]])
+
+    monkeypatch.setattr(sources_module.datasets, "load_dataset", fake_load_dataset)
+    for subset in ("en", "fr"):
+        run = make_run(tmp_path, "sft", [spec("someorg/chats", subset=subset, split="validation")], default_tok_dir)
+        tokenizer = load_tokenizer(run)
+        prepared = prepare_data(run, tokenizer)
+        assert calls[-1] == (("someorg/chats", subset), {"split": "validation", "cache_dir": str(tmp_path / "cache" / "datasets")})
+        assert answers(tokenizer, prepared.train) == expected_answers(tokenizer, rows[subset])
+        assert prepared.stats["datasets"]["chats"]["rows_in"] == len(rows[subset])
+    assert len(calls) == 2
+
+
+def test_separate_test_datasets_become_the_test_split(tmp_path, default_tok_dir):
+    """`test_datasets` replace the test split: their rows are the test set, the test share of `splits` stays in train."""
+    main, exam, quiz = chat_rows(20), chat_rows(5, offset=100), chat_rows(3, offset=200)
+    run = make_run(tmp_path, "sft", [spec(write_jsonl(tmp_path / "main.jsonl", main))], default_tok_dir,
+                   splits=(0.8, 0.1, 0.1),
+                   test_datasets=(spec(write_jsonl(tmp_path / "exam.jsonl", exam)), spec(write_jsonl(tmp_path / "quiz.jsonl", quiz))))
+    tokenizer = load_tokenizer(run)
+    prepared = prepare_data(run, tokenizer)
+    assert answers(tokenizer, prepared.test) == expected_answers(tokenizer, exam + quiz)
+    assert (len(prepared.train), len(prepared.eval), prepared.stats["test_rows"]) == (18, 2, 8)
+    assert answers(tokenizer, [*prepared.train, *prepared.eval]) == expected_answers(tokenizer, main)
+    assert set(prepared.stats["datasets"]) == {"main", "test:exam", "test:quiz"}
+    assert list(prepared.stats["datasets"]["main"]["splits"]) == ["train", "eval"]
+    assert list(prepared.stats["datasets"]["test:exam"]["splits"]) == ["test"]
 
 
 def bad(tmp_path, tok, task, specs, **data):

@@ -12,15 +12,18 @@ from helpers_data import (  # noqa: F401
     corpus,
     default_tok_dir_fixture,
     default_tok_fixture,
+    llama_tok_dir_fixture,
     make_run,
     own_tok_dir_fixture,
     own_tok_fixture,
+    spec,
+    text_rows,
     write_jsonl,
 )
 from transformers import AutoTokenizer
 
 from ironcore.cli import main
-from ironcore.data import load_tokenizer
+from ironcore.data import load_tokenizer, prepare_data
 from ironcore.data import tokenizer as tokenizer_module
 from ironcore.data.tokenizer import BUILTIN_VOCAB_SIZE, DEFAULT_CHAT_TEMPLATE, tokenizer_fingerprint
 from ironcore.errors import ConfigError, DataError
@@ -73,6 +76,47 @@ def test_builtin_tokenizer_is_trained_once_and_cached(tmp_path, monkeypatch):
     assert first.chat_template == DEFAULT_CHAT_TEMPLATE
     (entry,) = (tmp_path / "cache" / "tokenizers").glob("builtin-*")
     assert json.loads((entry / "COMPLETE.json").read_text())["vocab_size"] == BUILTIN_VOCAB_SIZE
+
+
+def with_type(run, model_type: str, data_type: str | None = None):
+    return replace(run, model=replace(run.model, tokenizer_type=model_type), data=replace(run.data, tokenizer_type=data_type))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "auto"])
+def test_hub_style_tokenizer_types_load_the_directory_as_autotokenizer_does(tmp_path, default_tok_dir, llama_tok_dir, kind):
+    """`gpt2`, `llama` and `auto` all go through AutoTokenizer: the directory's files pick the class, not the type.
+
+    A LLaMA-style tokenizer keeps its BOS on every document and gets EOS appended; the GPT-2-style one adds nothing.
+    """
+    for tok_dir, class_name, bos_first in ((default_tok_dir, "TokenizersBackend", False),
+                                           (llama_tok_dir, "LlamaTokenizer", True)):
+        reference = AutoTokenizer.from_pretrained(str(tok_dir))
+        tokenizer = load_tokenizer(with_type(make_run(tmp_path, "pretrain", [], tok_dir), kind))
+        assert type(tokenizer).__name__ == type(reference).__name__ == class_name
+        assert len(tokenizer) == len(reference) and tokenizer.eos_token_id == reference.eos_token_id
+        for text in SAMPLES[1:]:
+            assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
+        assert (tokenizer("def f")["input_ids"][0] == tokenizer.bos_token_id) is bos_first
+    docs = text_rows(12, words=8)
+    run = with_type(make_run(tmp_path, "pretrain", [spec(write_jsonl(tmp_path / "t.jsonl", docs))], llama_tok_dir), kind)
+    tokenizer = load_tokenizer(run)
+    stream = [t for doc in docs for t in tokenizer(doc["text"])["input_ids"] + [tokenizer.eos_token_id]]
+    blocks = prepare_data(run, tokenizer).train["input_ids"]
+    assert len(blocks) == len(stream) // 64 and [t for b in blocks for t in b] == stream[: 64 * len(blocks)]
+    assert stream[0] == tokenizer.bos_token_id and stream.count(tokenizer.bos_token_id) == len(docs)
+
+
+def test_builtin_tokenizer_type_ignores_the_path_and_a_data_config_type_wins(tmp_path, default_tok_dir):
+    """`builtin` loads the built-in tokenizer whatever `vocab_name_or_path` says; `data.tokenizer_type` beats the model's."""
+    run = make_run(tmp_path, "pretrain", [], default_tok_dir, vocab_size=BUILTIN_VOCAB_SIZE)
+    by_model = load_tokenizer(with_type(run, "builtin"))
+    by_data = load_tokenizer(with_type(run, "gpt2", "builtin"))
+    assert len(by_model) == BUILTIN_VOCAB_SIZE != len(AutoTokenizer.from_pretrained(str(default_tok_dir)))
+    assert tokenizer_fingerprint(by_model) == tokenizer_fingerprint(by_data)
+    (entry,) = (tmp_path / "cache" / "tokenizers").glob("builtin-*")
+    assert tokenizer_fingerprint(by_model) == tokenizer_fingerprint(load_tokenizer(make_run(tmp_path, "pretrain", [], entry,
+                                                                                            vocab_size=BUILTIN_VOCAB_SIZE)))
+    assert len(load_tokenizer(with_type(run, "builtin", "auto"))) == len(AutoTokenizer.from_pretrained(str(default_tok_dir)))
 
 
 def test_model_vocabulary_smaller_than_tokenizer_is_a_config_error(tmp_path, default_tok_dir):

@@ -81,15 +81,39 @@ def test_bad_model_configs_fail_before_any_tensor(fields, named):
         IronCoreConfig(position_embedding_type="rope", head_dim=7)
 
 
-def test_attention_choice_falls_back_to_sdpa_and_logs_once(caplog):
+@pytest.fixture
+def fresh_attn_choice():
+    """resolve_attn_implementation is cached per process: start empty, and leave no patched answer behind."""
     resolve_attn_implementation.cache_clear()
+    yield
+    resolve_attn_implementation.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("cuda", "flash_attn", "expected", "missing"),
+    [
+        (False, False, "sdpa", "a CUDA device and a usable flash-attn 2 package is missing"),
+        (True, False, "sdpa", "a usable flash-attn 2 package is missing"),
+        (False, True, "sdpa", "a CUDA device is missing"),
+        (True, True, "flash_attention_2", None),
+    ],
+)
+def test_attention_choice_on_every_machine_and_logs_once(
+    monkeypatch, caplog, fresh_attn_choice, cuda, flash_attn, expected, missing
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr("ironcore.models.configuration_ironcore.is_flash_attn_2_available", lambda: flash_attn)
     with caplog.at_level(logging.INFO, logger="ironcore.models.configuration_ironcore"):
-        assert resolve_attn_implementation(True) == "sdpa"  # no flash-attn package and no CUDA here
-        assert resolve_attn_implementation(True) == "sdpa"
+        assert resolve_attn_implementation(True) == expected
+        assert resolve_attn_implementation(True) == expected
         assert resolve_attn_implementation(False) == "sdpa"
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2 and "use_flash_attn is true but" in lines[0] and "missing" in lines[0]
-    assert IronCoreConfig.from_run_config(tiny_run())._attn_implementation == "sdpa"
+    assert len(lines) == 2 and "use_flash_attn is false" in lines[1], lines
+    if missing:
+        assert f"use_flash_attn is true but {missing}" in lines[0], lines
+    else:
+        assert lines[0] == "Attention: flash_attention_2 (flash-attn on CUDA)"
+    assert IronCoreConfig.from_run_config(tiny_run())._attn_implementation == expected  # use_flash_attn: true
 
 
 # ------------------------------------------------------------------------------------------------ architecture
@@ -172,6 +196,137 @@ def test_init_std_scaled_residual_and_xavier():
     bound = math.sqrt(6 / (128 + 512))
     up = xavier.model.layers[0].mlp.up_proj.weight
     assert up.abs().max() <= bound and up.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+
+
+# ------------------------------------------------------------------------------------------------ dropout
+
+DROPOUT_FIELDS = ("dropout_embd", "dropout_attn", "dropout_mlp")
+
+
+def dropped_fractions(model: IronCoreForCausalLM, x: torch.Tensor) -> dict[str, float]:
+    """Share of exact zeros at each place a dropout acts, in layer 0 (eager attention, to see the probabilities).
+
+    embd: the layer's input (token + position embeddings); attn_probs: the causal (non-masked) attention
+    probabilities; attn_out / mlp_out: what the attention and MLP blocks add to the residual stream.
+    """
+    layer, seen = model.model.layers[0], {}
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, args: seen.update(embd=args[0])),
+        layer.self_attn.register_forward_hook(lambda m, a, out: seen.update(attn_out=out[0], attn_probs=out[1])),
+        layer.mlp.register_forward_hook(lambda m, a, out: seen.update(mlp_out=out)),
+    ]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+    seen["attn_probs"] = seen["attn_probs"][..., causal]
+    return {name: (value == 0).float().mean().item() for name, value in seen.items()}
+
+
+@pytest.mark.parametrize("field", DROPOUT_FIELDS)
+def test_each_dropout_acts_in_training_only_and_only_where_it_belongs(field):
+    x = tokens(2, 16)
+    model = model_of(tiny_config("eager", **{field: 0.5}))
+    without = model_of(tiny_config("eager"))  # same seed: the same weights
+    evaluated = model(x).logits
+    assert torch.equal(model(x).logits, evaluated) and torch.equal(without(x).logits, evaluated)
+    model.train()
+    first, second = model(x).logits, model(x).logits
+    assert not torch.allclose(first, second) and not torch.allclose(first, evaluated)
+    without.train()
+    torch.testing.assert_close(without(x).logits, evaluated, atol=1e-6, rtol=0)  # rate 0: training changes nothing
+
+    dropped = dropped_fractions(model, x)
+    where = {"dropout_embd": {"embd"}, "dropout_attn": {"attn_probs"}, "dropout_mlp": {"attn_out", "mlp_out"}}[field]
+    for place, fraction in dropped.items():
+        if place in where:
+            assert fraction == pytest.approx(0.5, abs=0.1), dropped
+        else:
+            assert fraction == 0, dropped
+    assert set(dropped_fractions(model.eval(), x).values()) == {0}
+
+
+def test_attention_dropout_rescales_the_kept_probabilities():
+    x = tokens(2, 16)
+    model = model_of(tiny_config("eager", dropout_attn=0.25))
+    probs = {}
+    hook = model.model.layers[0].self_attn.register_forward_hook(lambda m, a, out: probs.update({m.training: out[1]}))
+    model(x)
+    model.train()(x)
+    hook.remove()
+    kept = probs[True] != 0
+    torch.testing.assert_close(probs[True][kept], probs[False][kept] / 0.75, atol=1e-6, rtol=1e-6)
+
+
+def test_sdpa_applies_attention_dropout():
+    x = tokens(2, 16)
+    model = model_of(tiny_config("sdpa", dropout_attn=0.5))
+    evaluated = model(x).logits
+    model.train()
+    assert not torch.allclose(model(x).logits, model(x).logits)
+    assert not torch.allclose(model(x).logits, evaluated)
+
+
+# ------------------------------------------------------------------------------------------------ post-LN
+
+
+def norm_by_hand(x: torch.Tensor, norm: torch.nn.Module, ln_type: str, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm / RMSNorm from their formulas, with `norm`'s affine parameters (independent of the model's code)."""
+    if ln_type == "layernorm":
+        centred = x - x.mean(-1, keepdim=True)
+        return centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps) * norm.weight + norm.bias
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm.weight
+
+
+def randomise_norms(model: IronCoreForCausalLM) -> None:
+    """Norm weights (and biases) away from 1 (and 0), so it matters which norm is applied to what."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.uniform_(0.5, 1.5)
+            elif "norm" in name:
+                param.uniform_(-0.5, 0.5)
+
+
+@pytest.mark.parametrize("ln_type", ["layernorm", "rmsnorm"])
+def test_post_ln_layer_normalises_after_each_residual_add(ln_type):
+    post = model_of(tiny_config(ln_type=ln_type, post_ln=True))
+    pre = model_of(tiny_config(ln_type=ln_type))
+    randomise_norms(post)
+    loaded = pre.load_state_dict(post.state_dict(), strict=False)  # the same layers; only pre-LN has a final norm
+    assert not loaded.unexpected_keys and all(key.startswith("model.norm.") for key in loaded.missing_keys)
+    x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        layer = post.model.layers[0]
+        h = norm_by_hand(x + layer.self_attn(x)[0], layer.attn_norm, ln_type)
+        expected_post = norm_by_hand(h + layer.mlp(h), layer.mlp_norm, ln_type)
+        torch.testing.assert_close(layer(x), expected_post, atol=1e-5, rtol=1e-5)
+
+        layer = pre.model.layers[0]
+        h = x + layer.self_attn(norm_by_hand(x, layer.attn_norm, ln_type))[0]
+        expected_pre = h + layer.mlp(norm_by_hand(h, layer.mlp_norm, ln_type))
+        torch.testing.assert_close(layer(x), expected_pre, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(expected_post, expected_pre, atol=1e-2)
+        assert not torch.allclose(post(tokens(2, 12)).logits, pre(tokens(2, 12)).logits, atol=1e-2)
+
+
+@pytest.mark.parametrize("ln_type", ["layernorm", "rmsnorm"])
+def test_post_ln_hidden_states_are_normalised_after_every_layer(ln_type):
+    model = model_of(tiny_config(ln_type=ln_type, post_ln=True, num_layers=3))  # norm weights 1, biases 0
+    assert isinstance(model.model.norm, torch.nn.Identity)  # the last layer's output is already normalised
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: outputs.append(out)) for layer in model.model.layers]
+    model(tokens(2, 12))
+    for hook in hooks:
+        hook.remove()
+    assert len(outputs) == 3
+    for hidden in outputs:
+        if ln_type == "layernorm":
+            torch.testing.assert_close(hidden.mean(-1), torch.zeros(2, 12), atol=1e-5, rtol=0)
+            torch.testing.assert_close(hidden.var(-1, unbiased=False), torch.ones(2, 12), atol=1e-3, rtol=0)
+        else:
+            torch.testing.assert_close(hidden.pow(2).mean(-1), torch.ones(2, 12), atol=1e-3, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ RoPE

@@ -15,7 +15,7 @@ import yaml
 from helpers_model import GPT2_LIKE, LLAMA_LIKE, one_thread, tiny_config, tiny_run  # noqa: F401
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from ironcore.config import config_from_dict
+from ironcore.config import config_from_dict, load_config
 from ironcore.errors import CheckpointError, ConfigError
 from ironcore.models import (
     IronCoreConfig,
@@ -253,6 +253,57 @@ def test_gpt2_small_parameter_count_matches_gpt2lmheadmodel():
         ours = IronCoreForCausalLM(config)
         theirs = GPT2LMHeadModel(GPT2Config(vocab_size=50257))
     assert ours.num_parameters() == theirs.num_parameters() == 124_439_808
+
+
+def loaded_preset(name: str):
+    """A preset through the real lookup (`model=NAME`), at GPT-2's vocabulary and no padding."""
+    return load_config(None, [f"model={name}", "data.vocab_size=50257", "trainer.vocab_padding_unit=1"])
+
+
+@pytest.mark.parametrize(
+    ("name", "d_model", "layers", "heads"), [("gpt2-large", 1280, 36, 20), ("gpt2-xl", 1600, 48, 25)]
+)
+def test_gpt2_large_and_xl_presets_have_gpt2_shapes(name, d_model, layers, heads):
+    run = loaded_preset(name)
+    m = run.model
+    assert (m.d_model, m.num_layers, m.num_attention_heads, m.head_dim) == (d_model, layers, heads, d_model // heads)
+    assert (m.d_ffn, m.max_seq_len, m.num_attention_groups) == (4 * d_model, 1024, None)
+    assert (m.ln_type, m.activation_type, m.positional_embedding.type) == ("layernorm", "gelu_tanh", "absolute")
+    assert (m.post_ln, m.no_bias, m.untie_embed, m.tokenizer_type) == (False, False, False, "gpt2")
+    config = IronCoreConfig.from_run_config(run)
+    assert (config.vocab_size, config.max_position_embeddings) == (50257, 1024)
+    reference = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=d_model, n_layer=layers, n_head=heads)
+    with torch.device("meta"):
+        ours, theirs = IronCoreForCausalLM(config), GPT2LMHeadModel(reference)
+    assert ours.num_parameters() == theirs.num_parameters()
+    if name == "gpt2-large":
+        assert ours.num_parameters() == 774_030_080
+
+
+def test_llama_preset_is_a_llama_shape():
+    run = loaded_preset("llama")
+    m = run.model
+    assert (m.ln_type, m.activation_type, m.positional_embedding.type) == ("rmsnorm", "swiglu", "rope")
+    assert m.no_bias and m.untie_embed and not m.post_ln
+    assert 1 < m.num_attention_groups < m.num_attention_heads and m.num_attention_heads % m.num_attention_groups == 0
+    config = IronCoreConfig.from_run_config(run)
+    assert config.num_key_value_heads == m.num_attention_groups and not config.bias
+    reference = LlamaConfig(
+        vocab_size=50257,
+        hidden_size=m.d_model,
+        intermediate_size=m.d_ffn,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_attention_groups,
+        head_dim=m.head_dim,
+        max_position_embeddings=m.max_seq_len,
+        rms_norm_eps=m.ln_eps,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        ours, theirs = IronCoreForCausalLM(config), LlamaForCausalLM(reference)
+    assert sorted(p.shape for p in ours.parameters()) == sorted(p.shape for p in theirs.parameters())
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight
 
 
 # ------------------------------------------------------------------------------------------------ pretrained init

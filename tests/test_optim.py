@@ -1,11 +1,13 @@
 """Weight-decay groups, the AdamW build, and the LR schedule against its closed form."""
 
 import math
+import re
 
 import pytest
 import torch
 from torch import nn
 
+from helpers_train import load_example
 from ironcore.config.schema import OptimConfig
 from ironcore.errors import ConfigError
 from ironcore.optim import build_optimizer, build_scheduler, lr_at, no_decay_parameter_names, param_groups
@@ -68,6 +70,45 @@ def test_embeddings_decay_when_asked_and_untied_head_always_decays():
     decay, no_decay = group_names(untied, param_groups(untied, OptimConfig()))
     assert decay == MATRICES | {"lm_head.weight"}
     assert no_decay == NORMS_AND_BIASES | {"wte.weight", "wpe.weight"}
+
+
+NORM_OR_BIAS = re.compile(r"(\.bias$|(^|\.)(attn_norm|mlp_norm|norm)\.weight$)")
+
+
+@pytest.mark.parametrize("no_decay_on_embedding", [True, False])
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
+def test_no_decay_groups_of_the_real_model(tmp_path, preset, no_decay_on_embedding):
+    """IronCoreForCausalLM built from a preset: GPT-2-like (LayerNorm with bias, biased projections, learned
+    positions, head tied to the token embedding) and LLaMA-like (RMSNorm, no bias, rope, untied head). No decay
+    on exactly the biases and norm weights, plus the token / position embeddings when no_decay_on_embedding; every
+    projection, and an untied lm_head, decays."""
+    from ironcore.models import build_model
+
+    run = load_example("pretrain", tmp_path / "run", f"model={preset}",
+                       f"optim.no_decay_on_embedding={str(no_decay_on_embedding).lower()}")
+    model = build_model(run)
+    names = {name for name, _ in model.named_parameters()}
+    embeddings = {name for name in names if name.startswith(("model.embed_tokens.", "model.embed_positions."))}
+    want_no_decay = {name for name in names if NORM_OR_BIAS.search(name)}
+    if no_decay_on_embedding:
+        want_no_decay |= embeddings
+    optimizer = build_optimizer(model, run.optim, "cpu")
+    decay, no_decay = group_names(model, optimizer.param_groups)
+    assert no_decay == want_no_decay and decay == names - want_no_decay
+    assert run.optim.weight_decay > 0
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [run.optim.weight_decay, 0.0]
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
+    assert {name.rsplit(".", 2)[-2] for name in decay} >= projections
+    if preset == "tiny-gpt2":
+        assert model.lm_head.weight is model.model.embed_tokens.weight and "lm_head.weight" not in names
+        assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.1.mlp.down_proj.bias",
+                "model.layers.0.attn_norm.bias", "model.norm.bias"} <= no_decay
+        assert ("model.embed_positions.weight" in no_decay) is no_decay_on_embedding
+    else:
+        assert not any(name.endswith(".bias") for name in names) and "model.embed_positions.weight" not in names
+        assert "lm_head.weight" in decay and "model.layers.0.mlp.gate_proj.weight" in decay
+        assert {"model.layers.0.attn_norm.weight", "model.norm.weight"} <= no_decay
+    assert ("model.embed_tokens.weight" in no_decay) is no_decay_on_embedding
 
 
 def test_frozen_parameters_are_left_out():

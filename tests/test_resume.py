@@ -16,15 +16,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+import torch
 from helpers_dist import (
     BASELINE, SFT, STEPS, assert_continued, baseline_run, checkpoints, latest, losses, read_jsonl, run, run_until_signal,
-    samples,
+    samples, stub_config,
 )
+from helpers_train import reset_accelerate, restored_environ
 
 from ironcore.checkpoint import check_compatible
+from ironcore.config import load_config
 from ironcore.config.schema import DataConfig, ModelConfig, RunConfig, TrainerConfig
 from ironcore.errors import CheckpointError
-from ironcore.train import RESUME_IGNORED_MODEL_FIELDS, checkpoint_model_config
+from ironcore.train import RESUME_IGNORED_MODEL_FIELDS, build_loop, checkpoint_model_config, resume
 
 SFT_RUN = [*SFT, f"operation.train_steps={STEPS}", "trainer.micro_batch_size=4",
            "trainer.gradient_accumulation_steps=2", "trainer.save_checkpoint_steps=3"]
@@ -130,6 +133,27 @@ def test_resume_with_another_model_is_refused_naming_the_field(baseline, tmp_pat
     [line] = error_lines(result.output)
     assert "d_model (checkpoint 64, run 96)" in line
     assert "dropout" not in line  # dropout changes no weight: never a reason to refuse
+
+
+@pytest.mark.parametrize("load_optim", [True, False])
+def test_resume_loads_the_optimizer_state_as_configured(baseline, tmp_path, load_optim):
+    """optim.load_checkpoint_optim_state reaches the resume: the latest checkpoint's Adam moments, or none at all
+    (the weights and the step are resumed either way)."""
+    run_dir = copy_of(baseline, tmp_path / "run")
+    cfg = load_config(stub_config(tmp_path), [*BASELINE, f"trainer.model_path={run_dir}",
+                                              f"optim.load_checkpoint_optim_state={str(load_optim).lower()}"])
+    reset_accelerate()
+    with restored_environ():
+        loop, loader = build_loop(cfg, run_dir)
+        step = resume(cfg, run_dir, loop.accelerator, loader, loop.model)
+    saved = torch.load(run_dir / "checkpoints" / "step_6" / "optimizer.bin", weights_only=True)["state"]
+    state = loop.optimizer.state_dict()["state"]
+    assert step == STEPS and saved
+    if load_optim:
+        assert state.keys() == saved.keys()
+        assert all(torch.equal(state[k]["exp_avg_sq"], saved[k]["exp_avg_sq"]) for k in saved)
+    else:
+        assert state == {}
 
 
 def test_saved_model_config_holds_the_padded_vocab_and_ignores_dropout():

@@ -1,21 +1,28 @@
 """The training loop end to end (issue #5): loss curves, GA equivalence, LR schedule, SFT masking, DPO, export,
 trackers, profiling, evaluation, metrics.jsonl, MFU, and one-line errors for bad input.
 
-One tiny pretrain run (`pretrain`, ~15 s) is shared by most checks; the DPO pair, the SFT run and the GA pieces
-are module fixtures too. Golden loss curve: `tests/assets/pretrain_tiny_losses.json`; rewrite it on purpose with
+One tiny pretrain run (`pretrain`, ~15 s) is shared by most checks; the DPO pair, the SFT run, the GA and clipping
+pieces, the deterministic twins and the LLaMA-shaped run are module fixtures too. Golden loss curve:
+`tests/assets/pretrain_tiny_losses.json`; rewrite it on purpose with
 `IRONCORE_REGEN_GOLDEN=1 python -m pytest tests/test_train.py -k golden` and say why in the commit.
 """
 
 from __future__ import annotations
 
+import gc
+import io
 import json
 import logging
 import math
 import os
 import platform
 import re
+import weakref
+from contextlib import redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -23,6 +30,7 @@ from safetensors.torch import load_file
 
 from helpers_train import (
     REPO,
+    TINY,
     example_overrides,
     load_example,
     read_metrics,
@@ -37,6 +45,9 @@ from ironcore.config import RunConfig
 from ironcore.models import build_model
 from ironcore.models.conversion import load_state
 from ironcore.optim import lr_at
+
+if TYPE_CHECKING:
+    from ironcore.train import StepResult
 
 GOLDEN = REPO / "tests" / "assets" / "pretrain_tiny_losses.json"
 STEPS = 40
@@ -134,9 +145,10 @@ def test_mfu_is_a_fraction(pretrain):
 
 
 @pytest.fixture(scope="module")
-def starved_benchmark(tmp_path_factory) -> tuple[list[dict], str]:
-    """3 steps without clipping, the CPU peak benchmark replaced by 1 MFLOP/s (as if it had run on a busy machine),
-    in a run directory whose metrics.jsonl holds a record of an earlier run."""
+def starved_benchmark(tmp_path_factory) -> tuple[list[dict], str, Path]:
+    """3 steps without clipping and without evaluation (do_eval false, though eval_interval 1 would evaluate after
+    every step), the CPU peak benchmark replaced by 1 MFLOP/s (as if it had run on a busy machine), in a run
+    directory whose metrics.jsonl holds a record of an earlier run."""
     from ironcore import metrics
 
     root = tmp_path_factory.mktemp("short")
@@ -144,6 +156,7 @@ def starved_benchmark(tmp_path_factory) -> tuple[list[dict], str]:
     (root / "run" / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
     run = load_example("pretrain", root / "run", "operation.train_steps=3", "optim.warmup_steps=1",
                        "optim.clip_grad=0", "trainer.grad_norm_log_interval=log", "trainer.do_eval=false",
+                       "operation.eval_interval=1", "operation.eval_samples=8",
                        "operation.no_save=true", "utils.report_memory_usage=false")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(metrics, "measure_matmul_flops", lambda device, dtype: 1e6)
@@ -156,28 +169,132 @@ def starved_benchmark(tmp_path_factory) -> tuple[list[dict], str]:
             train_in_process(run)
         finally:
             logs.removeHandler(handler)
-    return read_metrics(root / "run"), "\n".join(r.getMessage() for r in records)
+    return read_metrics(root / "run"), "\n".join(r.getMessage() for r in records), root / "run"
+
+
+def test_no_save_writes_no_checkpoint_but_the_export(starved_benchmark):
+    """operation.no_save: not even the final step is checkpointed; the run still ends in its HF export."""
+    *_, run_dir = starved_benchmark
+    assert not (run_dir / "checkpoints").exists()
+    assert (run_dir / "export" / "model.safetensors").is_file()
 
 
 def test_grad_norm_logged_without_clipping(starved_benchmark):
     """grad_norm_log_interval=log with clip_grad 0 still logs the norm (measured, not clipped); what is off
     (param_norm_log_interval unset, report_memory_usage false) is not logged."""
-    records, _ = starved_benchmark
+    records, *_ = starved_benchmark
     assert len(train_records(records)) == 3 and all(r["grad_norm"] > 0 for r in train_records(records))
     assert not any(key == "param_norm" or key.startswith("memory/") for r in records for key in r)
 
 
+def test_do_eval_false_runs_no_evaluation(starved_benchmark):
+    """No eval record and no eval log line, though operation.eval_interval is 1."""
+    records, log, _ = starved_benchmark
+    assert not any(key.startswith("eval/") for r in records for key in r)
+    assert "eval at step" not in log
+
+
 def test_run_from_step_0_starts_a_new_metrics_history(starved_benchmark):
-    records, _ = starved_benchmark
+    records, *_ = starved_benchmark
     assert [r["step"] for r in train_records(records)] == [1, 2, 3]
 
 
 def test_mfu_at_most_one_when_the_peak_benchmark_was_slowed(starved_benchmark):
     """A step faster than the measured peak proves the benchmark was slowed: the achieved rate becomes the peak."""
-    records, log = starved_benchmark
+    records, log, _ = starved_benchmark
     mfus = [r["mfu"] for r in train_records(records)]
     assert mfus[0] == 1.0 and all(0 < m <= 1 for m in mfus)
     assert "step 1 ran at" in log and "above the measured peak" in log
+
+
+TWIN_STEPS = 6
+
+
+@dataclass
+class ObservedRun:
+    run: RunConfig
+    records: list[dict]
+    deterministic_in_forward: list[bool]
+    log: list[logging.LogRecord]
+    stderr: str
+
+
+@pytest.fixture(scope="module")
+def deterministic_twins(tmp_path_factory) -> dict[str, ObservedRun]:
+    """The same tiny pretrain twice with utils.deterministic=true and gradient accumulation (micro 2 x GA 2, 6 steps,
+    warmup 2, cosine to min_lr at step 5), once at utils.log_level WARNING and once at INFO. Each keeps whether
+    deterministic algorithms were on in every forward pass, the records of the `ironcore` loggers and its stderr.
+    The process-wide deterministic flag and the `ironcore` logger level are restored afterwards."""
+    from ironcore.tasks import LanguageModeling
+
+    root = tmp_path_factory.mktemp("twins")
+    original = LanguageModeling.__call__
+    flags: list[bool] = []
+
+    def recording_flag(self, model, batch):
+        flags.append(torch.are_deterministic_algorithms_enabled())
+        return original(self, model, batch)
+
+    package_logger = logging.getLogger("ironcore")
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             package_logger.level)
+    twins = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LanguageModeling, "__call__", recording_flag)
+        for level in ("WARNING", "INFO"):
+            run = load_example("pretrain", root / level, "utils.deterministic=true", f"utils.log_level={level}",
+                               "trainer.micro_batch_size=2", "trainer.gradient_accumulation_steps=2",
+                               f"operation.train_steps={TWIN_STEPS}", "optim.warmup_steps=2", "optim.annealing_steps=5",
+                               "trainer.do_eval=false", "operation.test_samples=0", "operation.no_save=true",
+                               "utils.report_memory_usage=false")
+            flags.clear()
+            log: list[logging.LogRecord] = []
+            handler = logging.Handler()
+            handler.emit = log.append
+            package_logger.addHandler(handler)
+            stderr = io.StringIO()
+            try:
+                with redirect_stderr(stderr):
+                    train_in_process(run)
+            finally:
+                package_logger.removeHandler(handler)
+                torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+                package_logger.setLevel(saved[2])
+            twins[level] = ObservedRun(run, read_metrics(root / level), list(flags), log, stderr.getvalue())
+    return twins
+
+
+def test_deterministic_turns_on_deterministic_algorithms_and_repeats_bitwise(deterministic_twins):
+    for twin in deterministic_twins.values():
+        assert len(twin.deterministic_in_forward) == 2 * TWIN_STEPS and all(twin.deterministic_in_forward)
+    losses = [series(twin.records, "loss") for twin in deterministic_twins.values()]
+    assert sorted(losses[0]) == list(range(1, TWIN_STEPS + 1))
+    assert losses[0] == losses[1]  # bitwise: exact float equality of every step's loss
+
+
+def test_logged_lr_follows_the_schedule_with_grad_accumulation(deterministic_twins):
+    """Two micro-batches per step, yet one scheduler step per optimizer step: step s logs lr_at(s - 1)
+    (0, max/2, max, the cosine, then min_lr from step 6), not lr_at(2(s - 1))."""
+    twin = deterministic_twins["INFO"]
+    logged = series(twin.records, "lr")
+    assert sorted(logged) == list(range(1, TWIN_STEPS + 1))
+    for step, lr in logged.items():
+        assert lr == pytest.approx(lr_at(step - 1, twin.run.optim, TWIN_STEPS), rel=1e-12, abs=1e-15), step
+    assert logged[2] == twin.run.optim.max_lr / 2 and logged[6] == twin.run.optim.min_lr
+
+
+def test_log_level_hides_the_loops_info_lines(deterministic_twins):
+    quiet, chatty = deterministic_twins["WARNING"], deterministic_twins["INFO"]
+    assert not [r.getMessage() for r in quiet.log if r.levelno < logging.WARNING]
+    messages = [r.getMessage() for r in chatty.log if r.levelno == logging.INFO and r.name == "ironcore.train"]
+    assert any("step 1 | loss" in m for m in messages) and any(f"step {TWIN_STEPS} | loss" in m for m in messages)
+
+
+def test_progress_bar_with_remaining_time_on_stderr(deterministic_twins):
+    """tqdm's `[elapsed<remaining` on stderr, at every level (it is not a log line)."""
+    for twin in deterministic_twins.values():
+        assert re.search(rf"train: 100%.*\b{TWIN_STEPS}/{TWIN_STEPS} \[\d\d:\d\d<\d\d:\d\d", twin.stderr), twin.stderr
+        assert re.search(rf"\b1/{TWIN_STEPS} \[\d\d:\d\d<\d\d:\d\d", twin.stderr), twin.stderr
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -250,12 +367,14 @@ def sft_pieces(tmp_path_factory) -> dict[tuple[int, int], FirstStep]:
             loop, loader = build_loop(run, root / f"m{micro}")
         batches = iter(loader)
         micro_batches = [next(batches) for _ in range(ga)]
-        pieces[micro, ga] = FirstStep(loop, micro_batches, *step_gradients(loop, micro_batches))
+        result, grads = step_gradients(loop, micro_batches)
+        pieces[micro, ga] = FirstStep(loop, micro_batches, result.loss, grads)
     return pieces
 
 
-def step_gradients(loop, micro_batches) -> tuple[float, dict[str, torch.Tensor]]:
-    """Run the real `Loop.train_step` and capture every parameter's gradient as `optimizer.step` sees it."""
+def step_gradients(loop, micro_batches) -> tuple[StepResult, dict[str, torch.Tensor]]:
+    """Run the real `Loop.train_step` and capture every parameter's gradient as `optimizer.step` sees it (after
+    clipping); returns the step's `StepResult` and those gradients by parameter name."""
     names = {id(p): name for name, p in loop.model.named_parameters()}
     grads = {}
 
@@ -269,7 +388,7 @@ def step_gradients(loop, micro_batches) -> tuple[float, dict[str, torch.Tensor]]
         result = loop.train_step(micro_batches, 1)
     finally:
         handle.remove()
-    return result.loss, grads
+    return result, grads
 
 
 def test_grad_accumulation_matches_one_big_micro_batch(sft_pieces):
@@ -329,6 +448,88 @@ def test_sft_loss_ignores_prompt_tokens(sft_pieces):
     assert result.loss_sum.item() / count == pytest.approx(per_token[answer].mean().item(), rel=1e-5)
 
 
+# --------------------------------------------------------------------------------- clipping, eval batch size
+
+CLIP_TINY, CLIP_HUGE = 1e-4, 1e6
+
+
+@dataclass
+class ClippedStep:
+    loop: object
+    micro_batches: list[dict]
+    result: StepResult
+    grads: dict[str, torch.Tensor]
+
+
+@pytest.fixture(scope="module")
+def clip_pieces(tmp_path_factory) -> dict[float, ClippedStep]:
+    """The real loop pieces (`build_loop`) of the tiny pretrain with clip_grad 1e-4 and 1e6 (warmup 0, so step 1
+    uses max_lr), and their first `train_step`: same seed, so the same initial weights and the same first batch.
+    Eval is set to 13 samples in batches of 5."""
+    from ironcore.train import build_loop
+
+    root = tmp_path_factory.mktemp("clip")
+    pieces = {}
+    for clip in (CLIP_TINY, CLIP_HUGE):
+        run = load_example("pretrain", root / f"clip{clip}", f"optim.clip_grad={clip}", "optim.warmup_steps=0",
+                           "trainer.eval_batch_size=5", "operation.eval_samples=13")
+        reset_accelerate()
+        with restored_environ():
+            loop, loader = build_loop(run, root / f"clip{clip}")
+        micro_batches = [next(iter(loader))]
+        pieces[clip] = ClippedStep(loop, micro_batches, *step_gradients(loop, micro_batches))
+    return pieces
+
+
+def global_norm64(grads: dict[str, torch.Tensor]) -> float:
+    """The L2 norm of all gradients as one vector, summed in float64 (a float32 sum of 235k squares is off by ~1e-5)."""
+    return torch.cat([g.double().flatten() for g in grads.values()]).norm().item()
+
+
+def test_clip_grad_changes_the_update(clip_pieces):
+    """Same weights, same batch: the logged grad_norm is the norm before clipping (equal in both runs, far above
+    1e-4); the gradient AdamW applies has norm clip_grad (within 1e-6) and the unclipped gradient's direction;
+    the weights after the step differ (Adam's eps makes a gradient of norm 1e-4 take smaller steps)."""
+    tiny, huge = clip_pieces[CLIP_TINY], clip_pieces[CLIP_HUGE]
+    assert torch.equal(tiny.micro_batches[0]["input_ids"], huge.micro_batches[0]["input_ids"])
+    assert tiny.result.loss == huge.result.loss
+    norm = tiny.result.grad_norm
+    assert norm == pytest.approx(huge.result.grad_norm, rel=1e-6) and 1e-2 < norm < CLIP_HUGE
+    assert global_norm64(tiny.grads) == pytest.approx(CLIP_TINY, rel=0, abs=1e-6)
+    assert global_norm64(huge.grads) == pytest.approx(norm, rel=1e-5)  # clip_grad above the norm: applied as measured
+    for name, grad in huge.grads.items():
+        assert torch.allclose(tiny.grads[name], grad * (CLIP_TINY / norm), rtol=1e-4, atol=1e-12), name
+    weights = {clip: dict(piece.loop.model.named_parameters()) for clip, piece in clip_pieces.items()}
+    for name in weights[CLIP_TINY]:
+        assert not torch.equal(weights[CLIP_TINY][name], weights[CLIP_HUGE][name]), name
+
+
+@dataclass
+class CountingTask:
+    """A task that records how many rows each batch it scores has, then scores it with the real task."""
+
+    task: object
+    rows: list[int]
+
+    def __call__(self, model, batch):
+        self.rows.append(batch["input_ids"].shape[0])
+        return self.task(model, batch)
+
+    def summarize(self, loss_sum: float, stats: dict[str, float]) -> dict[str, float]:
+        return self.task.summarize(loss_sum, stats)
+
+
+def test_eval_batch_size_sets_the_eval_batches(clip_pieces, monkeypatch):
+    """operation.eval_samples=13 with trainer.eval_batch_size=5 (micro_batch_size 4): `Loop.evaluate` makes
+    ceil(13 / 5) = 3 forward passes, of 5, 5 and 3 rows."""
+    loop = clip_pieces[CLIP_HUGE].loop
+    rows: list[int] = []
+    monkeypatch.setitem(loop.eval_tasks, "eval", CountingTask(loop.eval_tasks["eval"], rows))
+    summary = loop.evaluate("eval", loop.data.eval, loop.cfg.operation.eval_samples, step=1)
+    assert rows == [5, 5, 3]
+    assert summary["perplexity"] == pytest.approx(math.exp(summary["loss"]), rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------- DPO
 
 
@@ -370,6 +571,38 @@ def test_dpo_logs_reward_accuracy_and_margins(dpo_pair):
     assert [r["step"] for r in evals] == [2, 4]
 
 
+@pytest.mark.parametrize("precompute", [True, False])
+def test_precomputed_dpo_reference_model_is_freed(tmp_path, monkeypatch, precompute):
+    """With optim.dpo_precompute_ref the deep copy of the initial model that scored the pairs is garbage once the
+    loop is built (no second model stays in memory); with the live reference the tasks keep it."""
+    import copy
+
+    from ironcore import train as train_module
+
+    copies = []
+
+    def tracked_deepcopy(obj, memo=None):
+        duplicate = copy.deepcopy(obj, memo)
+        copies.append(weakref.ref(duplicate))
+        return duplicate
+
+    monkeypatch.setattr(train_module, "copy", SimpleNamespace(deepcopy=tracked_deepcopy))
+    run = load_example("dpo", tmp_path / "run", "data.seq_length=64", "trainer.eval_batch_size=64",
+                       "data.train_datasets=[{name: builtin_dpo, dataset_path: 'builtin:dpo', max_samples: 64}]",
+                       "operation.eval_samples=16", "operation.test_samples=16",
+                       f"optim.dpo_precompute_ref={str(precompute).lower()}")
+    reset_accelerate()
+    with restored_environ():
+        loop, _ = train_module.build_loop(run, tmp_path / "run")
+    gc.collect()
+    (reference,) = copies
+    if precompute:
+        assert reference() is None
+        assert all(task.reference is None and task.reference_logps is not None for task in loop.eval_tasks.values())
+    else:
+        assert reference() is loop.task.reference and reference() is not loop.accelerator.unwrap_model(loop.model)
+
+
 # ---------------------------------------------------------------------------------------------------- export
 
 
@@ -408,6 +641,67 @@ def test_export_as_gpt2_gives_the_same_logits(pretrain, tmp_path):
     ids = torch.randint(0, gpt2.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(gpt2(input_ids=ids).logits, ironcore_model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def assert_generation_config_matches_tokenizer(model_dir: Path) -> None:
+    """generation_config.json holds the tokenizer's bos / eos ids and a pad id (the eos when it has no pad)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    generation = json.loads((model_dir / "generation_config.json").read_text())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    assert tokenizer.eos_token_id is not None and pad is not None
+    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, pad)
+
+
+def test_export_writes_the_generation_config(pretrain, tmp_path):
+    assert_generation_config_matches_tokenizer(pretrain.export_dir)
+    assert cli.main(["export", str(pretrain.run_dir), "--out", str(tmp_path / "gpt2"), "--arch", "gpt2"]) == 0
+    assert_generation_config_matches_tokenizer(tmp_path / "gpt2")
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory) -> Finished:
+    """examples/pretrain.yaml with the tiny-llama preset (RoPE, RMSNorm, SwiGLU, GQA, no bias, untied head) shrunk by
+    TINY: 2 steps, a checkpoint after each."""
+    root = tmp_path_factory.mktemp("llama")
+    run = load_example("pretrain", root / "run", "model=tiny-llama", *TINY, "operation.train_steps=2",
+                       "optim.warmup_steps=1", "trainer.save_checkpoint_steps=1", "trainer.do_eval=false",
+                       "operation.test_samples=0", "utils.report_memory_usage=false")
+    assert (run.model.ln_type, run.model.activation_type, run.model.no_bias, run.model.d_model) == (
+        "rmsnorm", "swiglu", True, 64)
+    export_dir = train_in_process(run)
+    return Finished(run, root / "run", export_dir, read_metrics(root / "run"), root)
+
+
+def trained_logits(run: RunConfig, checkpoint: Path, ids: torch.Tensor) -> torch.Tensor:
+    """The training model's logits with a checkpoint's weights, without the vocabulary padding columns."""
+    model = build_model(run).eval()
+    load_state(model, load_file(checkpoint / "model.safetensors"), "checkpoint")
+    with torch.no_grad():
+        return model(input_ids=ids).logits[..., : model.config.unpadded_vocab_size]
+
+
+@pytest.mark.parametrize("source", ["run directory", "checkpoint directory"])
+def test_export_as_llama_gives_the_trained_logits(llama_run, tmp_path, source):
+    """`ironcore export SRC --arch llama`: a LlamaForCausalLM whose logits are the training model's within 1e-5, from
+    the run directory (its final weights) or from checkpoints/step_1 (that checkpoint's weights, not the final ones)."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    step = 2 if source == "run directory" else 1
+    src = llama_run.run_dir if source == "run directory" else llama_run.run_dir / "checkpoints" / "step_1"
+    assert cli.main(["export", str(src), "--out", str(tmp_path / "llama"), "--arch", "llama"]) == 0
+    llama = AutoModelForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    assert type(llama) is LlamaForCausalLM
+    ids = torch.randint(0, llama.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = llama(input_ids=ids).logits
+    checkpoints = llama_run.run_dir / "checkpoints"
+    assert torch.allclose(got, trained_logits(llama_run.run, checkpoints / f"step_{step}", ids), rtol=0, atol=1e-5)
+    other = trained_logits(llama_run.run, checkpoints / f"step_{3 - step}", ids)
+    assert not torch.allclose(got, other, rtol=0, atol=1e-4)
+    assert_generation_config_matches_tokenizer(tmp_path / "llama")
 
 
 def test_generate_cli_prints_text(pretrain, capsys):
@@ -522,33 +816,34 @@ def test_init_from_pretrained_other_architecture(pretrain, tmp_path, capsys):
     assert code == 2 and "model.d_model is 64 there but 128 in the config" in line
 
 
-def test_nonfinite_loss_skips_the_update_then_stops(tmp_path, capsys, caplog, monkeypatch):
-    """The task returns a NaN loss from step 4 on: each such step is skipped (weights untouched, a warning names
-    the step); the third in a row (trainer.max_nonfinite_steps) stops the run with exit code 2, and the last
-    good checkpoint (step 2) stays complete and loadable."""
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_nonfinite_loss_skips_the_update_then_stops(tmp_path, capsys, caplog, monkeypatch, bad):
+    """The task returns a NaN (or +Inf) loss from step 4 on: each such step is skipped (weights untouched, a warning
+    names the step and the value); the third in a row (trainer.max_nonfinite_steps) stops the run with exit code 2,
+    and the last good checkpoint (step 2) stays complete and loadable."""
     from ironcore.tasks import LanguageModeling
 
     original = LanguageModeling.__call__
     snapshots = []
 
-    def nan_from_call_4(self, model, batch):
+    def bad_from_call_4(self, model, batch):
         snapshots.append(next(model.parameters()).detach().clone())
         result = original(self, model, batch)
         if len(snapshots) >= 4:
-            result.loss_sum = result.loss_sum * float("nan")
+            result.loss_sum = result.loss_sum * float(bad)
         return result
 
-    monkeypatch.setattr(LanguageModeling, "__call__", nan_from_call_4)
+    monkeypatch.setattr(LanguageModeling, "__call__", bad_from_call_4)
     args = train_args(tmp_path, "operation.train_steps=10", "optim.warmup_steps=1", "trainer.save_checkpoint_steps=2",
                       "trainer.do_eval=false", "trainer.max_nonfinite_steps=3")
     with caplog.at_level(logging.WARNING, logger="ironcore.train"):
         code, line = run_cli(args, capsys)
     assert code == 2 and "trainer.max_nonfinite_steps" in line and "step_2" in line
     skipped = [r.getMessage() for r in caplog.records if "update is skipped" in r.getMessage()]
-    assert len(skipped) == 3 and all("step 4: loss is nan; the update is skipped" in m for m in skipped)
+    assert len(skipped) == 3 and all(f"step 4: loss is {bad}; the update is skipped" in m for m in skipped)
     assert len(snapshots) == 6
     assert not torch.equal(snapshots[1], snapshots[2])  # good steps update the weights
-    assert torch.equal(snapshots[3], snapshots[4]) and torch.equal(snapshots[4], snapshots[5])  # NaN steps do not
+    assert torch.equal(snapshots[3], snapshots[4]) and torch.equal(snapshots[4], snapshots[5])  # NaN / Inf steps do not
     assert find_resume_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step_2"
     assert not (tmp_path / "run" / "export").exists()
 

@@ -5,6 +5,7 @@ group runs in a subprocess through `accelerate launch` (or plain `python`), with
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -138,6 +139,17 @@ def test_nccl_becomes_gloo_without_cuda_and_says_so():
     assert resolve_backend(run, GPU_NODE_8) == "nccl"
     assert notes(run, GPU_NODE_8) == []
     assert notes(run, CPU) == []  # a single unlaunched process creates no process group: nothing to convert
+
+
+def test_nccl_to_gloo_note_is_logged_once_per_build_without_cuda(monkeypatch, caplog, fresh_accelerate):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # else Accelerate resets the thread count
+    run = make_run(parallel={"dist_backend": "nccl", "use_fsdp": True})  # FSDP: a gloo world of 1 without a launcher
+    with caplog.at_level(logging.INFO, logger="ironcore.translate"):
+        accelerator = build_accelerator(run, LaunchEnv.from_environ({}))
+    assert torch.distributed.get_backend() == "gloo" and accelerator.num_processes == 1
+    gloo = [r for r in caplog.records if "dist_backend=nccl needs CUDA; using gloo" in r.getMessage()]
+    assert len(gloo) == 1 and gloo[0].levelno == logging.WARNING, caplog.text
 
 
 def test_cpu_ddp_gets_cpu_true_and_a_gloo_group_with_the_configured_timeout():
@@ -404,11 +416,14 @@ def test_save_dist_ckpt_selects_fsdp_sharded_checkpoints_and_is_refused_without_
     _load_error(["operation.save_dist_ckpt=true"], "operation.save_dist_ckpt=true: only FSDP and DeepSpeed")
 
 
-def test_unsupported_settings_are_one_line_errors_naming_the_field():
+@pytest.mark.parametrize("cuda", [False, True])
+def test_unsupported_settings_are_one_line_errors_naming_the_field(monkeypatch, cuda):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     pp = _load_error("trainer.pipeline_model_parallel_size=2", "trainer.pipeline_model_parallel_size=2")
     assert "use_fsdp" in pp and "zero3" in pp
     tp = _load_error("trainer.tensor_model_parallel_size=2", "trainer.tensor_model_parallel_size=2")
-    assert "tp_plan" in tp and "no CUDA" in tp
+    assert "tp_plan" in tp and "use_fsdp" in tp
+    assert ("no CUDA here" in tp) == (not cuda)  # the MULTI_CPU refusal is only news on a machine without CUDA
     _load_error(["parallel.use_fsdp=true", "parallel.deepspeed_config=zero3"], "parallel.use_fsdp and parallel.deepspeed_config")
     _one_line_error(make_run(model={"precision": "float16"}), CPU, "model.precision=float16")
     check_supported(make_run(model={"precision": "float16"}), GPU_NODE_8)

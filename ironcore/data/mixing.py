@@ -27,10 +27,15 @@ logger = logging.getLogger(__name__)
 MAX_GROWTH = 50
 
 
-def mix(parts: list[datasets.Dataset], ratios: list[float], names: list[str], *, seed: int) -> datasets.Dataset:
-    """One training dataset drawing from `parts` in proportion to `ratios`, reproducible for a seed."""
+def check_ratios(ratios: list[float]) -> None:
+    """ConfigError unless some dataset has a ratio > 0; `prepare_data` calls it before tokenizing anything."""
     if not any(r > 0 for r in ratios):
         raise ConfigError("data.train_datasets: every ratio is 0; give at least one dataset a ratio > 0")
+
+
+def mix(parts: list[datasets.Dataset], ratios: list[float], names: list[str], *, seed: int) -> datasets.Dataset:
+    """One training dataset drawing from `parts` in proportion to `ratios`, reproducible for a seed."""
+    check_ratios(ratios)
     for name, part, ratio in zip(names, parts, ratios):
         if ratio > 0 and len(part) == 0:
             raise DataError(f"train dataset '{name}' has no training rows, but its ratio is {ratio}")

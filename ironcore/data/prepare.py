@@ -129,6 +129,8 @@ def prepare_data(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Prepared
     task, seq_length = resolve_task(run), resolve_seq_length(run)
     if not run.data.train_datasets:
         raise ConfigError("data.train_datasets is empty; give at least one dataset (see configs/data/)")
+    ratios = [spec.ratio for spec in run.data.train_datasets]
+    mixing.check_ratios(ratios)  # a config mistake must not cost (or leave behind) a tokenized cache
     context = _Context(run, tokenizer, task, seq_length, tokenizer_fingerprint(tokenizer))
     fractions = split_fractions(run)
     names = _unique_names(run.data.train_datasets)
@@ -147,7 +149,6 @@ def prepare_data(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Prepared
             parts, info = context.entry(spec, name, f"data.{role}_datasets[{i}] '{name}'", {role: 1.0})
             held[role].append(parts[role])
             entry_stats[f"{role}:{name}"] = info
-    ratios = [spec.ratio for spec in run.data.train_datasets]
     train = mixing.mix(train_parts, ratios, names, seed=run.init.seed)
     evaluation, test = _combine(held["eval"]), _combine(held["test"])
     total = sum(ratios)
@@ -255,11 +256,11 @@ class _Context:
                         num_proc=num_proc, label=label, cache_file=str(work / "tokenized.arrow"))
         counts = sft.status_counts(np.asarray(rows.data.column("status")))
         kept = rows.filter(_is_kept, input_columns="status", batched=True, keep_in_memory=True).remove_columns("status")
+        if len(kept) == 0:  # before the warning below: the error alone says it, on the one line a bad input gets
+            raise DataError(f"{label}: no rows left after filtering ({', '.join(f'{k}: {v}' for k, v in counts.items())})")
         skipped = {k: v for k, v in counts.items() if k not in ("ok", "truncated")}
         if skipped:
             logger.warning("%s: skipped %s", label, ", ".join(f"{v} rows ({k})" for k, v in skipped.items()))
-        if len(kept) == 0:
-            raise DataError(f"{label}: no rows left after filtering ({', '.join(f'{k}: {v}' for k, v in counts.items())})")
         parts = {split: kept.select(idx) for split, idx in split_rows(len(kept), fractions, label).items()}
         if self.task == "sft" and self.run.data.pack_sequences:
             parts = {split: sft.pack(ds, seq_length=self.seq_length, cache_file=str(work / f"packed-{split}.arrow"))

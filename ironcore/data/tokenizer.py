@@ -65,10 +65,16 @@ def cache_root(data: DataConfig) -> Path:
 
 
 def tokenizer_source(run: RunConfig) -> tuple[str, str, str]:
-    """(tokenizer_type, vocab_name_or_path, field name to blame); a data config's fields win over the model's."""
-    if run.data.vocab_name_or_path:
-        return run.data.tokenizer_type or run.model.tokenizer_type, run.data.vocab_name_or_path, "data.vocab_name_or_path"
-    return run.data.tokenizer_type or run.model.tokenizer_type, run.model.vocab_name_or_path, "model.vocab_name_or_path"
+    """(tokenizer_type, vocab_name_or_path, field name to blame); a data config's fields win over the model's.
+
+    A loaded config carries the winning name in both groups (`config.resolve` copies it), so the data
+    field is blamed only when it differs from the model's; otherwise the model field, where configs and
+    model presets name their tokenizer, is the one to fix.
+    """
+    kind = run.data.tokenizer_type or run.model.tokenizer_type
+    if run.data.vocab_name_or_path and run.data.vocab_name_or_path != run.model.vocab_name_or_path:
+        return kind, run.data.vocab_name_or_path, "data.vocab_name_or_path"
+    return kind, run.model.vocab_name_or_path, "model.vocab_name_or_path"
 
 
 def load_tokenizer(run: RunConfig) -> PreTrainedTokenizerBase:
