@@ -342,9 +342,10 @@ def test_exit_interval_stops_cleanly(sft_exit):
 
 @dataclass
 class FirstStep:
+    """A loop's first `train_step`: its pieces, the micro-batches it took, its result and the gradients it applied."""
     loop: object
     micro_batches: list[dict]
-    loss: float
+    result: StepResult
     grads: dict[str, torch.Tensor]
 
 
@@ -367,8 +368,7 @@ def sft_pieces(tmp_path_factory) -> dict[tuple[int, int], FirstStep]:
             loop, loader = build_loop(run, root / f"m{micro}")
         batches = iter(loader)
         micro_batches = [next(batches) for _ in range(ga)]
-        result, grads = step_gradients(loop, micro_batches)
-        pieces[micro, ga] = FirstStep(loop, micro_batches, result.loss, grads)
+        pieces[micro, ga] = FirstStep(loop, micro_batches, *step_gradients(loop, micro_batches))
     return pieces
 
 
@@ -399,7 +399,7 @@ def test_grad_accumulation_matches_one_big_micro_batch(sft_pieces):
     assert torch.equal(big.micro_batches[0]["sample_ids"], torch.cat([b["sample_ids"] for b in small.micro_batches]))
     widths = {b["input_ids"].shape[1] for b in small.micro_batches}
     assert len(widths) > 1 and any((b["attention_mask"] == 0).any() for b in small.micro_batches)  # real padding
-    big_loss, big_grads, small_loss, small_grads = big.loss, big.grads, small.loss, small.grads
+    big_loss, big_grads, small_loss, small_grads = big.result.loss, big.grads, small.result.loss, small.grads
     assert small_loss == pytest.approx(big_loss, rel=1e-6)  # ~7.6: a few float32 ulps
     assert big_grads.keys() == small_grads.keys() and len(big_grads) > 10
     for name, grad in big_grads.items():
@@ -453,16 +453,8 @@ def test_sft_loss_ignores_prompt_tokens(sft_pieces):
 CLIP_TINY, CLIP_HUGE = 1e-4, 1e6
 
 
-@dataclass
-class ClippedStep:
-    loop: object
-    micro_batches: list[dict]
-    result: StepResult
-    grads: dict[str, torch.Tensor]
-
-
 @pytest.fixture(scope="module")
-def clip_pieces(tmp_path_factory) -> dict[float, ClippedStep]:
+def clip_pieces(tmp_path_factory) -> dict[float, FirstStep]:
     """The real loop pieces (`build_loop`) of the tiny pretrain with clip_grad 1e-4 and 1e6 (warmup 0, so step 1
     uses max_lr), and their first `train_step`: same seed, so the same initial weights and the same first batch.
     Eval is set to 13 samples in batches of 5."""
@@ -477,7 +469,7 @@ def clip_pieces(tmp_path_factory) -> dict[float, ClippedStep]:
         with restored_environ():
             loop, loader = build_loop(run, root / f"clip{clip}")
         micro_batches = [next(iter(loader))]
-        pieces[clip] = ClippedStep(loop, micro_batches, *step_gradients(loop, micro_batches))
+        pieces[clip] = FirstStep(loop, micro_batches, *step_gradients(loop, micro_batches))
     return pieces
 
 
