@@ -90,13 +90,12 @@ def load_checkpoint_model(ckpt: Path) -> tuple[PreTrainedModel, PreTrainedTokeni
     """
     import yaml
     from safetensors.torch import load_file
-    from transformers.initialization import no_init_weights
 
     from ironcore.checkpoint import verify_checkpoint
     from ironcore.config import config_from_dict
     from ironcore.data import load_tokenizer
     from ironcore.models import IronCoreConfig, IronCoreForCausalLM
-    from ironcore.models.conversion import load_state
+    from ironcore.models.conversion import load_state, uninitialized
 
     verify_checkpoint(ckpt, checksums=False)
     config_file, weights = ckpt.parent.parent / "config.yaml", ckpt / "model.safetensors"
@@ -107,9 +106,7 @@ def load_checkpoint_model(ckpt: Path) -> tuple[PreTrainedModel, PreTrainedTokeni
                               "run directory after training, or a checkpoint saved with full weights")
     raw = yaml.safe_load(config_file.read_text())
     run = config_from_dict(raw, world_size=raw["parallel"]["world_size"])
-    with no_init_weights():
-        model = IronCoreForCausalLM(IronCoreConfig.from_run_config(run))
-    model.tie_weights()
+    model = uninitialized(IronCoreForCausalLM, IronCoreConfig.from_run_config(run))
     load_state(model, load_file(weights), str(ckpt))
     return model, load_tokenizer(run)
 

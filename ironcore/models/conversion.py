@@ -352,7 +352,7 @@ def _check_names_and_shapes(found: dict[str, tuple], expected: dict[str, torch.T
             )
 
 
-def _uninitialized(model_cls: type, config: Any) -> Any:
+def uninitialized(model_cls: type, config: Any) -> Any:
     """A model whose weights are about to be overwritten: no random init (nor its RNG draws), but tied as usual."""
     with no_init_weights():
         model = model_cls(config)
@@ -361,7 +361,7 @@ def _uninitialized(model_cls: type, config: Any) -> Any:
 
 
 def _build(model_cls: type, config: Any, state: dict[str, torch.Tensor], like: PreTrainedModel) -> Any:
-    model = _uninitialized(model_cls, config)
+    model = uninitialized(model_cls, config)
     load_state(model, state, f"{type(like).__name__} weights")
     return model.to(like.dtype).train(like.training)
 
@@ -474,7 +474,7 @@ def retarget(model: IronCoreForCausalLM, config: IronCoreConfig) -> IronCoreForC
     for name in VOCAB_TENSORS:
         rows = state[name][:vocab]
         state[name] = torch.cat([rows, rows.new_zeros(config.vocab_size - vocab, rows.shape[1])])
-    target = _uninitialized(IronCoreForCausalLM, config)
+    target = uninitialized(IronCoreForCausalLM, config)
     load_state(target, state, "pretrained IronCore weights")
     return target
 
