@@ -132,13 +132,18 @@ def export(src: Path, out_dir: Path, arch: Arch = "ironcore", push_to_hub: str |
 
 
 def push(folder: Path, repo_id: str) -> None:
-    """Upload an export folder to the Hub (needs network and a token)."""
+    """Upload an export folder to the Hub (needs network and a token).
+
+    The export is written before the upload and stays valid, so a failed upload (offline mode, no network, no
+    token, no permission) is one error line that says where the export is, not a traceback.
+    """
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import OfflineModeIsEnabled
+    from huggingface_hub.errors import HTTPError  # the base error of huggingface_hub's HTTP client, network included
 
     try:
         api = HfApi()
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id)
-    except OfflineModeIsEnabled:
-        raise CheckpointError(f"--push-to-hub {repo_id}: cannot reach the Hub (HF_HUB_OFFLINE is set); the export is in {folder}") from None
+    except (OSError, HTTPError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"--push-to-hub {repo_id}: upload failed ({reason}); the export is in {folder}") from None

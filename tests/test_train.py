@@ -696,6 +696,64 @@ def test_export_as_llama_gives_the_trained_logits(llama_run, tmp_path, source):
     assert_generation_config_matches_tokenizer(tmp_path / "llama")
 
 
+class FakeHub:
+    """Stands in for `huggingface_hub.HfApi` (the Hub cannot be reached here): records each call and, at upload
+    time, the files of the uploaded folder; or fails the first call with `error`, as the real client would."""
+
+    def __init__(self, error: Exception | None = None):
+        self.calls, self.error = [], error
+
+    def __call__(self):
+        return self
+
+    def create_repo(self, repo_id, exist_ok=False):
+        if self.error:
+            raise self.error
+        self.calls.append(("create_repo", repo_id, exist_ok))
+
+    def upload_folder(self, folder_path, repo_id):
+        self.calls.append(("upload_folder", repo_id, Path(folder_path), sorted(p.name for p in Path(folder_path).iterdir())))
+
+
+def test_export_push_to_hub_uploads_the_written_export(pretrain, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    hub = FakeHub()
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub)
+    out = tmp_path / "pushed"
+    assert cli.main(["export", str(pretrain.run_dir), "--out", str(out), "--arch", "gpt2", "--push-to-hub", "me/tiny"]) == 0
+    (create, upload) = hub.calls
+    assert create == ("create_repo", "me/tiny", True)
+    assert upload[:3] == ("upload_folder", "me/tiny", out)
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= set(upload[3])
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
+
+
+def hub_failures() -> dict[str, Exception | None]:
+    """What the real client raises when offline mode is on (None: the real client, HF_HUB_OFFLINE=1 is set for the
+    tests), with no network (the HTTP client's connection error) and with no token."""
+    from huggingface_hub.errors import HTTPError, LocalTokenNotFoundError
+
+    return {"offline": None, "no network": type("ConnectError", (HTTPError,), {})("[Errno -2] Name or service not known"),
+            "no token": LocalTokenNotFoundError("Token is required (`token=True`), but no token found.")}
+
+
+@pytest.mark.parametrize("case", ["offline", "no network", "no token"])
+def test_failed_push_is_one_line_and_keeps_the_export(pretrain, tmp_path, monkeypatch, capsys, case):
+    import huggingface_hub
+
+    error = hub_failures()[case]
+    if error is not None:
+        monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub(error))
+    out = tmp_path / "pushed"
+    code, line = run_cli(["export", str(pretrain.run_dir), "--out", str(out), "--push-to-hub", "me/tiny"], capsys)
+    assert code == 2
+    assert "--push-to-hub me/tiny: upload failed" in line and line.endswith(f"the export is in {out}")
+    assert {"offline": "offline mode", "no network": "Name or service not known", "no token": "no token"}[case] in line
+    kept, final = load_file(out / "model.safetensors"), load_file(pretrain.export_dir / "model.safetensors")
+    assert kept.keys() == final.keys() and all(torch.equal(kept[k], final[k]) for k in final)
+
+
 def test_generate_cli_prints_text(pretrain, capsys):
     """Sampled (a 40-step model's greedy choice is a run of newlines), seeded: the CLI prints what `generate` returns."""
     from ironcore.generate import generate
