@@ -1,5 +1,5 @@
 """Two CPU processes end to end (issue #6): DDP parity with one process, FSDP2 (full and sharded checkpoints) and
-DeepSpeed ZeRO-2/3 train-save-resume-export, DPO under DDP / FSDP / ZeRO-3 against one process, a rank that dies or
+DeepSpeed ZeRO-2/3 train-save-resume-export, ZeRO-1 and the offload presets train and export, DPO under DDP / FSDP / ZeRO-3 against one process, a rank that dies or
 stalls, and the clear refusals (sharded resume with another world size, tensor parallelism).
 
 Every run is a real `ironcore train` subprocess on the tiny fp32 model, launched with torchrun or
@@ -261,6 +261,31 @@ def test_deepspeed_resume_with_another_world_size_is_refused(deepspeed, tmp_path
     assert "sharded over 2 processes" in line and "this run has 1" in line
 
 
+
+# The other ds_configs/ presets: (ZeRO stage, what is offloaded to CPU memory) as DeepSpeed saved its config.
+OTHER_DS_PRESETS = {"zero1": (1, set()), "zero2_offload": (2, {"offload_optimizer"}),
+                    "zero3_offload": (3, {"offload_optimizer", "offload_param"})}
+
+
+@pytest.mark.parametrize("preset", sorted(OTHER_DS_PRESETS))
+def test_other_deepspeed_presets_train_like_one_process_and_export_their_weights(preset, baseline, tmp_path):
+    """ZeRO-1 and the offload presets on 2 processes: the engine runs the preset's stage and offload (read back from
+    the config DeepSpeed stores in its checkpoint), the losses equal one process's, the export the gathered weights."""
+    run_dir = tmp_path / "run"
+    run(run_dir, [*DS, f"parallel.deepspeed_config={preset}"], nproc=2, fresh=True)
+    ckpt = run_dir / "checkpoints" / "step_6"
+    states = torch.load(sorted((ckpt / "pytorch_model").glob("*model_states.pt"))[0], weights_only=False)
+    zero = states["ds_config"]["zero_optimization"]
+    stage, offloaded = OTHER_DS_PRESETS[preset]
+    assert zero["stage"] == stage and {k for k in zero if k.startswith("offload_")} == offloaded
+    assert all(zero[k]["device"] == "cpu" for k in offloaded)
+    assert max_diff(losses(run_dir), losses(baseline)) <= TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        gathered = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    assert weight_diff(load_file(run_dir / "export" / "model.safetensors"), gathered) == 0
 
 def test_an_eval_split_smaller_than_the_world_is_skipped_with_a_warning(tmp_path):
     """One eval row cannot be split over 2 ranks (each evaluates an equal share): said once, and training goes on."""
