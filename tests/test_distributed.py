@@ -1,6 +1,7 @@
 """Two CPU processes end to end (issue #6): DDP parity with one process, FSDP2 (full and sharded checkpoints) and
-DeepSpeed ZeRO-2/3 train-save-resume-export, ZeRO-1 and the offload presets train and export, DPO under DDP / FSDP / ZeRO-3 against one process, a rank that dies or
-stalls, and the clear refusals (sharded resume with another world size, tensor parallelism).
+DeepSpeed ZeRO-2/3 train-save-resume-export, ZeRO-1 and the offload presets train and export, DPO under DDP / FSDP /
+ZeRO-3 against one process, a rank that dies or stalls, and the clear refusals (sharded resume with another world
+size, tensor parallelism).
 
 Every run is a real `ironcore train` subprocess on the tiny fp32 model, launched with torchrun or
 `accelerate launch --multi_gpu --num_processes 2` (helpers_dist); each is launched once and read by several tests.
