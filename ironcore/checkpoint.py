@@ -446,7 +446,7 @@ def _sync_lr_from_schedulers(schedulers: list) -> None:
     """Set each param group's lr to its scheduler's last lr (optimizer and scheduler states came from different places)."""
     for scheduler in schedulers:
         inner = getattr(scheduler, "scheduler", scheduler)
-        for group, lr in zip(inner.optimizer.param_groups, inner.get_last_lr()):
+        for group, lr in zip(inner.optimizer.param_groups, inner.get_last_lr(), strict=True):
             group["lr"] = lr
 
 

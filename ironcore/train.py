@@ -194,7 +194,9 @@ def every_row_once(dataset, run: RunConfig, tokenizer, rows: int, *, rank: int, 
     for start in range(0, len(indices), size):
         chunk = indices[start : start + size]
         columns = dataset[chunk]
-        yield collate([{**dict(zip(columns, values)), "sample_id": i} for values, i in zip(zip(*columns.values()), chunk)])
+        rows = zip(*columns.values(), strict=True)
+        yield collate([{**dict(zip(columns, values, strict=True)), "sample_id": i}
+                       for values, i in zip(rows, chunk, strict=True)])
 
 
 def resume(run: RunConfig, out: Path, accelerator: Accelerator, loader, model) -> int:
@@ -365,7 +367,7 @@ class Loop:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        reduced = dict(zip(stats, values))
+        reduced = dict(zip(stats, values, strict=True))
         return StepResult(loss, int(tokens), grad_norm, self.task.summarize(loss * total.item(), reduced), lr)
 
     @property
@@ -460,7 +462,7 @@ class Loop:
             for key, value in result.stats.items():
                 stats[key] = stats.get(key, 0) + value.float()
         loss_total, *values = acc.reduce(torch.stack([loss_sum, *stats.values()]), "sum").tolist()
-        summary = task.summarize(loss_total, dict(zip(stats, values)))
+        summary = task.summarize(loss_total, dict(zip(stats, values, strict=True)))
         self.record(step, {f"{split}/{k}": v for k, v in summary.items()})
         logger.info("%s at step %d | %s", split, step, " | ".join(f"{k} {v:.4g}" for k, v in summary.items()),
                     main_process_only=True)

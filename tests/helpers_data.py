@@ -127,7 +127,7 @@ def text_rows(n: int, *, words: int = 30, tag: str = "doc") -> list[dict]:
 def trained_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
     """The contiguous runs of trained token ids."""
     runs, current = [], []
-    for token, label in zip(ids, labels):
+    for token, label in zip(ids, labels, strict=True):
         if label != -100:
             assert label == token
             current.append(token)

@@ -26,7 +26,8 @@ def take(loader, n: int) -> list[dict]:
 
 
 def same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("loader_workers", [0, 2])

@@ -31,7 +31,7 @@ SIZES, RATIOS = (400, 2500, 900), (5.0, 3.0, 2.0)
 
 
 def test_drawn_proportions_match_ratios(tmp_path, default_tok_dir, default_tok):
-    parts = [marked(m, n) for m, n in zip((101, 102, 103), SIZES)]
+    parts = [marked(m, n) for m, n in zip((101, 102, 103), SIZES, strict=True)]
     train = mix(parts, list(RATIOS), ["a", "b", "c"], seed=7)
     run = make_run(tmp_path, "pretrain", [], default_tok_dir, seq_length=4, micro_batch_size=10)
     counts, drawn = Counter(), 0
@@ -40,17 +40,17 @@ def test_drawn_proportions_match_ratios(tmp_path, default_tok_dir, default_tok):
         drawn += len(batch["sample_ids"])
         if drawn >= 10_000:
             break
-    for marker, ratio in zip((101, 102, 103), RATIOS):
+    for marker, ratio in zip((101, 102, 103), RATIOS, strict=True):
         assert abs(counts[marker] / drawn - ratio / sum(RATIOS)) < 0.02, (marker, counts)
 
 
 def test_mixture_is_seeded_and_uses_every_row():
-    parts = [marked(m, n) for m, n in zip((101, 102, 103), SIZES)]
+    parts = [marked(m, n) for m, n in zip((101, 102, 103), SIZES, strict=True)]
     first = mix(parts, list(RATIOS), ["a", "b", "c"], seed=7)["input_ids"]
     assert first == mix(parts, list(RATIOS), ["a", "b", "c"], seed=7)["input_ids"]
     assert first != mix(parts, list(RATIOS), ["a", "b", "c"], seed=8)["input_ids"]
     rows = Counter((ids[0], ids[1]) for ids in first)
-    for marker, size in zip((101, 102, 103), SIZES):
+    for marker, size in zip((101, 102, 103), SIZES, strict=True):
         assert {i for m, i in rows if m == marker} == set(range(min(size, 500)))
     repeats_of_small = Counter(ids[1] for ids in first if ids[0] == 101)
     assert min(repeats_of_small.values()) >= 2

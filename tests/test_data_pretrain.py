@@ -45,7 +45,7 @@ def test_reset_position_ids_restart_after_each_eos(tmp_path, default_tok_dir):
     prepared = prepare_data(run, tokenizer)
     batch = next(iter(build_train_loader(prepared.train, run, rank=0, world_size=1, tokenizer=tokenizer)))
     eos = tokenizer.eos_token_id
-    for ids, positions in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist()):
+    for ids, positions in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist(), strict=True):
         expected, p = [], 0
         for token in ids:
             expected.append(p)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import pairwise
 
 import pytest
 import torch
@@ -149,7 +150,7 @@ def test_packed_rows_restart_positions_per_sample(tmp_path, default_tok_dir):
         starts = [k for k, p in enumerate(row["position_ids"]) if p == 0]
         assert starts[0] == 0
         bounds = starts + [len(row["input_ids"])]
-        for a, b in zip(bounds, bounds[1:]):
+        for a, b in pairwise(bounds):
             assert row["position_ids"][a:b] == list(range(b - a))
             assert tokenizer.decode(row["input_ids"][a : a + 1]) == "<|im_start|>"
         samples += len(starts)
@@ -185,7 +186,7 @@ def test_packed_logits_equal_unpacked_logits(tmp_path, default_tok_dir):
         for b in range(batch["input_ids"].shape[0]):
             positions = batch["position_ids"][b, : int(batch["attention_mask"][b].sum())].tolist()
             starts = [k for k, p in enumerate(positions) if p == 0] + [len(positions)]
-            for a, e in zip(starts, starts[1:]):
+            for a, e in pairwise(starts):
                 ids = batch["input_ids"][b, a:e]
                 assert tuple(ids.tolist()) in plain
                 alone = model(input_ids=ids[None]).logits[0]

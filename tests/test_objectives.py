@@ -31,11 +31,11 @@ def test_token_weighted_loss_over_chunks_equals_full_batch_mean():
     logits, labels = padded_batch()
     full_mean = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
     chunks = [(0, 1), (1, 3), (3, 4)]
-    sums, counts = zip(*(lm_loss_sum(logits[a:b], labels[a:b]) for a, b in chunks))
+    sums, counts = zip(*(lm_loss_sum(logits[a:b], labels[a:b]) for a, b in chunks), strict=True)
     assert int(sum(counts)) == 11 + 4 + 3 + 2
     assert (sum(sums) / sum(counts)).item() == pytest.approx(full_mean.item(), abs=1e-6)
     # averaging per-chunk means instead would weight the short rows up: the test can tell the two apart
-    mean_of_means = sum(s / c for s, c in zip(sums, counts)) / len(chunks)
+    mean_of_means = sum(s / c for s, c in zip(sums, counts, strict=True)) / len(chunks)
     assert abs(mean_of_means.item() - full_mean.item()) > 1e-2
 
 

@@ -144,7 +144,7 @@ def test_build_optimizer_settings_and_fused_step_matches_reference():
                 h = blk.norm2(h)
             m.lm_head(m.ln_f(h)).logsumexp(-1).mean().backward()
             o.step()
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
 
 

@@ -58,7 +58,7 @@ def _prompt_messages(prompt, where: str) -> list[dict[str, str]] | Status:
 
 def pair_messages(prompt, chosen, rejected, where: str) -> tuple[list, list] | Status:
     """The chosen and rejected conversations of one row, or the reason to skip it."""
-    for side, value in zip(SIDES, (chosen, rejected)):
+    for side, value in zip(SIDES, (chosen, rejected), strict=True):
         if _empty(value):
             raise DataError(f"{where}: no {side} answer (a DPO pair needs both chosen and rejected)")
     if isinstance(chosen, str) != isinstance(rejected, str):
@@ -110,7 +110,7 @@ def _dpo_batch(batch, indices, *, tokenizer, template, columns, seq_length, trun
     out = {key: [] for key in (*keys, "status")}
     for k, pair in enumerate(pairs):
         status, values = _pair_outcome(pair, encoded.get(k), seq_length, truncation)
-        for key, value in zip(keys, values):
+        for key, value in zip(keys, values, strict=True):
             out[key].append(value)
         out["status"].append(int(status))
     return out

@@ -40,8 +40,8 @@ class _Rows(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         columns = self.dataset[list(indices)]
-        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
-        for row, index in zip(rows, indices):
+        rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        for row, index in zip(rows, indices, strict=True):
             row["sample_id"] = index
         return rows
 

@@ -36,7 +36,7 @@ def check_ratios(ratios: list[float]) -> None:
 def mix(parts: list[datasets.Dataset], ratios: list[float], names: list[str], *, seed: int) -> datasets.Dataset:
     """One training dataset drawing from `parts` in proportion to `ratios`, reproducible for a seed."""
     check_ratios(ratios)
-    for name, part, ratio in zip(names, parts, ratios):
+    for name, part, ratio in zip(names, parts, ratios, strict=True):
         if ratio > 0 and len(part) == 0:
             raise DataError(f"train dataset '{name}' has no training rows, but its ratio is {ratio}")
     keep = [i for i, r in enumerate(ratios) if r > 0]
@@ -50,14 +50,14 @@ def mix(parts: list[datasets.Dataset], ratios: list[float], names: list[str], *,
     mixed = datasets.interleave_datasets(
         [parts[i] for i in keep], probabilities=probabilities, seed=seed, stopping_strategy="all_exhausted"
     )
-    shares = ", ".join(f"{names[i]} {p:.1%}" for i, p in zip(keep, probabilities))
+    shares = ", ".join(f"{names[i]} {p:.1%}" for i, p in zip(keep, probabilities, strict=True))
     logger.info("Mixed %s into %d training rows", shares, len(mixed))
     return mixed
 
 
 def _check_growth(parts: list[datasets.Dataset], probabilities: list[float], names: list[str]) -> None:
     rows = sum(len(p) for p in parts)
-    expected = max(len(p) / q for p, q in zip(parts, probabilities))
+    expected = max(len(p) / q for p, q in zip(parts, probabilities, strict=True))
     if expected > MAX_GROWTH * rows:
         worst = max(range(len(parts)), key=lambda i: len(parts[i]) / probabilities[i])
         raise ConfigError(

@@ -95,7 +95,7 @@ def split_fractions(run: RunConfig) -> dict[str, float]:
     if train <= 0:
         raise ConfigError(f"data.splits {list(splits)} leaves no rows for training")
     total = train + held_eval + held_test
-    return {name: share / total for name, share in zip(SPLITS, (train, held_eval, held_test)) if share > 0}
+    return {name: share / total for name, share in zip(SPLITS, (train, held_eval, held_test), strict=True) if share > 0}
 
 
 def split_rows(n: int, fractions: dict[str, float], label: str) -> dict[str, np.ndarray]:
@@ -136,7 +136,7 @@ def prepare_data(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Prepared
     names = _unique_names(run.data.train_datasets)
     held: dict[str, list[datasets.Dataset]] = {"eval": [], "test": []}
     train_parts, entry_stats = [], {}
-    for i, (spec, name) in enumerate(zip(run.data.train_datasets, names)):
+    for i, (spec, name) in enumerate(zip(run.data.train_datasets, names, strict=True)):
         parts, info = context.entry(spec, name, f"data.train_datasets[{i}] '{name}'", fractions)
         train_parts.append(parts["train"])
         for split in ("eval", "test"):
@@ -145,7 +145,7 @@ def prepare_data(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Prepared
         entry_stats[name] = info
     for role in ("eval", "test"):
         specs = getattr(run.data, f"{role}_datasets") or ()
-        for i, (spec, name) in enumerate(zip(specs, _unique_names(specs))):
+        for i, (spec, name) in enumerate(zip(specs, _unique_names(specs), strict=True)):
             parts, info = context.entry(spec, name, f"data.{role}_datasets[{i}] '{name}'", {role: 1.0})
             held[role].append(parts[role])
             entry_stats[f"{role}:{name}"] = info
@@ -158,7 +158,7 @@ def prepare_data(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Prepared
         "train_rows": len(train),
         "eval_rows": len(evaluation) if evaluation is not None else 0,
         "test_rows": len(test) if test is not None else 0,
-        "mixture": {name: (r / total if total else 0.0) for name, r in zip(names, ratios)},
+        "mixture": {name: (r / total if total else 0.0) for name, r in zip(names, ratios, strict=True)},
         "datasets": entry_stats,
     }
     return PreparedData(train=train, eval=evaluation, test=test, task=task, seq_length=seq_length, stats=stats)

@@ -36,7 +36,8 @@ def format_inspect(prepared: PreparedData) -> str:
     """A plain-text table of `inspect_table` plus the mixture and totals."""
     rows = [_COLUMNS] + [tuple(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r) for r in inspect_table(prepared)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
+    lines = ["  ".join(cell.rjust(w) if i > 1 else cell.ljust(w)
+                       for i, (cell, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
     stats = prepared.stats
     mixture = ", ".join(f"{k} {v:.1%}" for k, v in stats["mixture"].items())
     lines.append(f"task {stats['task']}, seq_length {stats['seq_length']}; mixture: {mixture}")

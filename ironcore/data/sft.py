@@ -117,7 +117,7 @@ def encode_chats(
         ids, mask = item
         if last_turn_only:
             mask = _last_run(mask)
-        out.append((list(ids), [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]))
+        out.append((list(ids), [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]))
     return out
 
 
@@ -142,7 +142,7 @@ def generation_masks(chats, tokenizer, template) -> list[tuple[list[int], list[i
     out = tokenizer.apply_chat_template(
         chats, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
-    return list(zip(out["input_ids"], out["assistant_masks"]))
+    return list(zip(out["input_ids"], out["assistant_masks"], strict=True))
 
 
 def span_masks(chats, tokenizer, template) -> list[tuple[list[int], list[int]]]:
@@ -155,7 +155,7 @@ def span_masks(chats, tokenizer, template) -> list[tuple[list[int], list[int]]]:
         spans.append(_assistant_spans(chat, full, tokenizer, template, specials))
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     out = []
-    for ids, offsets, turn_spans in zip(encoded["input_ids"], encoded["offset_mapping"], spans):
+    for ids, offsets, turn_spans in zip(encoded["input_ids"], encoded["offset_mapping"], spans, strict=True):
         mask = [int(any(s <= start < e for s, e in turn_spans)) for start, _ in offsets]
         out.append((ids, mask))
     return out
@@ -269,7 +269,8 @@ def outcome(conversation, encoded, seq_length: int, truncation: str) -> tuple[St
 def _sft_batch(batch, indices, *, tokenizer, template, columns, seq_length, truncation, label):
     conversations = [row_messages(batch, k, columns, f"{label} row {row}") for k, row in enumerate(indices)]
     todo = [k for k, c in enumerate(conversations) if not isinstance(c, Status)]
-    encoded = dict(zip(todo, encode_rows([conversations[k] for k in todo], tokenizer, template, label=label)))
+    rows = encode_rows([conversations[k] for k in todo], tokenizer, template, label=label)
+    encoded = dict(zip(todo, rows, strict=True))
     out = {"input_ids": [], "labels": [], "status": []}
     for k, conversation in enumerate(conversations):
         status, ids, labels = outcome(conversation, encoded.get(k), seq_length, truncation)
