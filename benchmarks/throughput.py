@@ -4,7 +4,7 @@ The three implementations train the same GPT-2-shaped model (pre-LN, learned pos
 embeddings, dropout 0, SDPA attention) on the same synthetic token batches, at the same micro batch and
 precision, with AdamW (same lr, betas, eps, weight decay) and gradient clipping at 1.0:
 
-- ``ironcore``: the real step, `ironcore.train.Loop.train_step`, on a model from `build_model` and an
+- ``ironcore``: the real step, `ironcore.loop.Loop.train_step`, on a model from `build_model` and an
   Accelerator from `build_accelerator`, exactly as `ironcore train` builds them;
 - ``hf_trainer``: `transformers.Trainer` training the equivalent `GPT2LMHeadModel`, timed from
   ``on_step_begin`` to ``on_step_end`` (data loading before a step is not counted, as for the other two);
@@ -188,12 +188,12 @@ def ironcore_overrides(shape: Shape, out_dir: Path, train_steps: int) -> list[st
 
 
 def bench_ironcore(shape: Shape, batches: list[Batch], warmup: int, work_dir: Path) -> Result:
-    """`Loop.train_step` as `ironcore.train.train` sets it up (the result also gives the device and padded vocab)."""
+    """`Loop.train_step` as `ironcore.loop.train` sets it up (the result also gives the device and padded vocab)."""
     from ironcore.config import load_config
     from ironcore.models import build_model
     from ironcore.optim import build_optimizer, build_scheduler
     from ironcore.tasks import LanguageModeling
-    from ironcore.train import Loop
+    from ironcore.loop import Loop
     from ironcore.translate import build_accelerator
 
     out_dir = work_dir / "ironcore"

@@ -53,7 +53,7 @@ def config_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ironcore.config import load_config
-    from ironcore.train import train
+    from ironcore.loop import train
 
     overrides = [*args.overrides, *(["trainer.resume=false"] if args.fresh else [])]
     export_dir = train(load_config(args.config, overrides))

@@ -252,7 +252,7 @@ def copy_stopped_at(src: Path, dst: Path, step: int) -> Path:
 
 def _install_hooks() -> None:
     import ironcore.checkpoint
-    import ironcore.train
+    import ironcore.loop
 
     env = os.environ
     signal_file = Path(env.get("IRONCORE_TEST_SIGNAL", "/dev/null"))
@@ -273,7 +273,7 @@ def _install_hooks() -> None:
 
         ironcore.checkpoint._write_manifest = manifest_then_hang
 
-    loop = ironcore.train.Loop
+    loop = ironcore.loop.Loop
     train_step, clip = loop.train_step, loop.clip
     mid_step = int(env.get("IRONCORE_TEST_HANG_MID_STEP", -1))
     exit_rank = int(env.get("IRONCORE_TEST_EXIT_RANK", -1))

@@ -57,7 +57,7 @@ def restored_environ() -> Iterator[None]:
 
 def train_in_process(run: RunConfig) -> Path:
     """`ironcore.train.train(run)` in this process, with a fresh Accelerate state and environment."""
-    from ironcore.train import train
+    from ironcore.loop import train
 
     reset_accelerate()
     with restored_environ():

@@ -27,7 +27,7 @@ from ironcore.checkpoint import check_compatible
 from ironcore.config import load_config
 from ironcore.config.schema import DataConfig, ModelConfig, RunConfig, TrainerConfig
 from ironcore.errors import CheckpointError
-from ironcore.train import RESUME_IGNORED_MODEL_FIELDS, build_loop, checkpoint_model_config, resume
+from ironcore.loop import RESUME_IGNORED_MODEL_FIELDS, build_loop, checkpoint_model_config, resume
 
 SFT_RUN = [*SFT, f"operation.train_steps={STEPS}", "trainer.micro_batch_size=4",
            "trainer.gradient_accumulation_steps=2", "trainer.save_checkpoint_steps=3"]

@@ -47,7 +47,7 @@ from ironcore.models.conversion import load_state
 from ironcore.optim import lr_at
 
 if TYPE_CHECKING:
-    from ironcore.train import StepResult
+    from ironcore.loop import StepResult
 
 GOLDEN = REPO / "tests" / "assets" / "pretrain_tiny_losses.json"
 STEPS = 40
@@ -160,7 +160,7 @@ def starved_benchmark(tmp_path_factory) -> tuple[list[dict], str, Path]:
                        "operation.no_save=true", "utils.report_memory_usage=false")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(metrics, "measure_matmul_flops", lambda device, dtype: 1e6)
-        logs = logging.getLogger("ironcore.train")
+        logs = logging.getLogger("ironcore.loop")
         records = []
         handler = logging.Handler()
         handler.emit = records.append
@@ -286,7 +286,7 @@ def test_logged_lr_follows_the_schedule_with_grad_accumulation(deterministic_twi
 def test_log_level_hides_the_loops_info_lines(deterministic_twins):
     quiet, chatty = deterministic_twins["WARNING"], deterministic_twins["INFO"]
     assert not [r.getMessage() for r in quiet.log if r.levelno < logging.WARNING]
-    messages = [r.getMessage() for r in chatty.log if r.levelno == logging.INFO and r.name == "ironcore.train"]
+    messages = [r.getMessage() for r in chatty.log if r.levelno == logging.INFO and r.name == "ironcore.loop"]
     assert any("step 1 | loss" in m for m in messages) and any(f"step {TWIN_STEPS} | loss" in m for m in messages)
 
 
@@ -354,7 +354,7 @@ def sft_pieces(tmp_path_factory) -> dict[tuple[int, int], FirstStep]:
     """The real loop pieces (`build_loop`) for padded, unpacked SFT rows, micro 8 x GA 1 and micro 2 x GA 4, and
     their first `train_step`. Each step runs right after its own build: Accelerate's GradientState is one per
     process, so a second Accelerator's accumulation count would also apply to the first one's loop."""
-    from ironcore.train import build_loop
+    from ironcore.loop import build_loop
 
     root = tmp_path_factory.mktemp("ga")
     pieces = {}
@@ -458,7 +458,7 @@ def clip_pieces(tmp_path_factory) -> dict[float, FirstStep]:
     """The real loop pieces (`build_loop`) of the tiny pretrain with clip_grad 1e-4 and 1e6 (warmup 0, so step 1
     uses max_lr), and their first `train_step`: same seed, so the same initial weights and the same first batch.
     Eval is set to 13 samples in batches of 5."""
-    from ironcore.train import build_loop
+    from ironcore.loop import build_loop
 
     root = tmp_path_factory.mktemp("clip")
     pieces = {}
@@ -569,7 +569,7 @@ def test_precomputed_dpo_reference_model_is_freed(tmp_path, monkeypatch, precomp
     loop is built (no second model stays in memory); with the live reference the tasks keep it."""
     import copy
 
-    from ironcore import train as train_module
+    from ironcore import loop as train_module
 
     copies = []
 
@@ -886,7 +886,7 @@ def test_nonfinite_loss_skips_the_update_then_stops(tmp_path, capsys, caplog, mo
     monkeypatch.setattr(LanguageModeling, "__call__", bad_from_call_4)
     args = train_args(tmp_path, "operation.train_steps=10", "optim.warmup_steps=1", "trainer.save_checkpoint_steps=2",
                       "trainer.do_eval=false", "trainer.max_nonfinite_steps=3")
-    with caplog.at_level(logging.WARNING, logger="ironcore.train"):
+    with caplog.at_level(logging.WARNING, logger="ironcore.loop"):
         code, line = run_cli(args, capsys)
     assert code == 2 and "trainer.max_nonfinite_steps" in line and "step_2" in line
     skipped = [r.getMessage() for r in caplog.records if "update is skipped" in r.getMessage()]
