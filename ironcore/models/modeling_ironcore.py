@@ -7,6 +7,11 @@ Written as a transformers modeling file (class names, attention-function interfa
 Parameter names follow LLaMA (`model.embed_tokens`, `layers.N.self_attn.q_proj`, `mlp.up_proj`, `model.norm`,
 `lm_head`), plus `model.embed_positions` for learned absolute positions and `attn_norm` / `mlp_norm` for the
 norm of each sub-block, which sits before it (pre-LN) or after its residual add (post-LN).
+
+Forward conventions are those of transformers' LLaMA: outputs recorded by `capture_outputs` hooks, tuples with
+`return_dict=False`, the cache passed as `cache` (`past_key_values` still accepted, with transformers' deprecation
+warning; both at once is an error), and a keyword that nothing would read refused rather than dropped. The
+capabilities declared, and those not, are listed on `IronCorePreTrainedModel`.
 """
 
 import math
@@ -24,14 +29,22 @@ from transformers.masking_utils import create_causal_mask, find_packed_sequence_
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ironcore import IronCoreConfig
 
 
+# RMSNorm computed in float32 exactly as LLaMA does, so converted LLaMA checkpoints give the same numbers.
+# Copied from transformers.models.llama.modeling_llama.LlamaRMSNorm with Llama->IronCore
 class IronCoreRMSNorm(nn.Module):
-    """RMSNorm computed in float32 exactly as LLaMA does, so converted LLaMA checkpoints give the same numbers."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+    def __init__(self, hidden_size, eps: float = 1e-6) -> None:
+        """
+        IronCoreRMSNorm is equivalent to T5LayerNorm
+        """
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
@@ -43,7 +56,7 @@ class IronCoreRMSNorm(nn.Module):
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
 
-    def extra_repr(self) -> str:
+    def extra_repr(self):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
@@ -84,23 +97,46 @@ class IronCoreRotaryEmbedding(nn.Module):
             return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+# Copied from transformers.models.llama.modeling_llama.rotate_half
+def rotate_half(x):
     """Rotates half the hidden dims of the input."""
     x1 = x[..., : x.shape[-1] // 2]
     x2 = x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary_pos_emb(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate queries and keys [batch, heads, seq, head_dim] by the per-position angles [batch, seq, head_dim]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+# Copied from transformers.models.llama.modeling_llama.apply_rotary_pos_emb
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """Applies Rotary Position Embedding to the query and key tensors.
+
+    Args:
+        q (`torch.Tensor`): The query tensor.
+        k (`torch.Tensor`): The key tensor.
+        cos (`torch.Tensor`): The cosine part of the rotary embedding.
+        sin (`torch.Tensor`): The sine part of the rotary embedding.
+        unsqueeze_dim (`int`, *optional*, defaults to 1):
+            The 'unsqueeze_dim' argument specifies the dimension along which to unsqueeze cos[position_ids] and
+            sin[position_ids] so that they can be properly broadcasted to the dimensions of q and k. For example, note
+            that cos[position_ids] and sin[position_ids] have the shape [batch_size, seq_len, head_dim]. Then, if q and
+            k have the shape [batch_size, heads, seq_len, head_dim], then setting unsqueeze_dim=1 makes
+            cos[position_ids] and sin[position_ids] broadcastable to the shapes of q and k. Similarly, if q and k have
+            the shape [batch_size, seq_len, heads, head_dim], then set unsqueeze_dim=2.
+    Returns:
+        `tuple(torch.Tensor)` comprising of the query and key tensors rotated using the Rotary Position Embedding.
+    """
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
 
 
+# Copied from transformers.models.llama.modeling_llama.repeat_kv
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim): share each KV head across its group."""
+    """
+    This is the equivalent of torch.repeat_interleave(x, dim=1, repeats=n_rep). The hidden states go from (batch,
+    num_key_value_heads, seqlen, head_dim) to (batch, num_attention_heads, seqlen, head_dim)
+    """
     batch, num_key_value_heads, slen, head_dim = hidden_states.shape
     if n_rep == 1:
         return hidden_states
@@ -108,6 +144,7 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
 
 
+# Copied from transformers.models.llama.modeling_llama.eager_attention_forward
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -116,17 +153,20 @@ def eager_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference attention: softmax(q k^T * scaling + mask) v with the softmax in float32."""
+    **kwargs: Unpack[TransformersKwargs],
+):
     key_states = repeat_kv(key, module.num_key_value_groups)
     value_states = repeat_kv(value, module.num_key_value_groups)
+
     attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
+
     attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
+    attn_output = torch.matmul(attn_weights, value_states)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+
     return attn_output, attn_weights
 
 
@@ -149,28 +189,31 @@ class IronCoreAttention(nn.Module):
         self.o_proj.writes_residual = True
         self.resid_dropout = nn.Dropout(config.hidden_dropout)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
+        # B batch, T new tokens, S cached + new tokens, H query heads, K key/value heads, D head_dim, C hidden_size
+        input_shape = hidden_states.shape[:-1]  # (B, T)
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, K, T, D)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, K, T, D)
 
-        if position_embeddings is not None:
+        if position_embeddings is not None:  # cos, sin: (B, T, D)
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, *position_embeddings)
-        if cache is not None:
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+        if cache is not None:  # keys and values of every token so far: (B, K, S, D)
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        # attn_output (B, T, H, D); attn_weights (B, H, T, S) from eager, None from fused kernels
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -181,8 +224,8 @@ class IronCoreAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.resid_dropout(self.o_proj(attn_output)), attn_weights
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, H * D)
+        return self.resid_dropout(self.o_proj(attn_output)), attn_weights  # (B, T, C)
 
 
 class IronCoreMLP(nn.Module):
@@ -217,23 +260,26 @@ class IronCoreDecoderLayer(GradientCheckpointingLayer):
         self.mlp_norm = make_norm(config)
         self.mlp = IronCoreMLP(config)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        attn_input = hidden_states if self.post_norm else self.attn_norm(hidden_states)
+        attn_output, _ = self.self_attn(
+            hidden_states=attn_input,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            **kwargs,
+        )
         if self.post_norm:
-            attn_output, _ = self.self_attn(
-                hidden_states, position_embeddings, attention_mask, cache, **kwargs
-            )
             hidden_states = self.attn_norm(hidden_states + attn_output)
             return self.mlp_norm(hidden_states + self.mlp(hidden_states))
-        attn_output, _ = self.self_attn(
-            self.attn_norm(hidden_states), position_embeddings, attention_mask, cache, **kwargs
-        )
         hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
@@ -279,8 +325,41 @@ def flash_varlen_kwargs(segments: torch.Tensor) -> dict:
     }
 
 
+# Keywords besides the named arguments that the model consumes: transformers' model kwargs (output recording, flash
+# varlen lengths, `is_causal`, `num_items_in_batch` for the loss, ...) and `merge_with_config_defaults`' debug switches.
+MODEL_KWARGS = frozenset(TransformersKwargs.__annotations__) | {"debug_io", "debug_io_dir", "prune_layers"}
+# Attention functions transformers ships that read no keyword of their own. A function registered later
+# (`AttentionInterface.register`, a Hub kernel) and paged attention (continuous batching: block tables, read and
+# write indices) are given every keyword, since they may read theirs.
+BUILTIN_ATTENTION = frozenset({"eager", *ALL_ATTENTION_FUNCTIONS._global_mapping}) - {"paged|eager"}
+LOSS_ONLY_KWARGS = ("shift_labels", "ignore_index")
+
+
+def refuse_unused_kwargs(model: PreTrainedModel, kwargs: dict) -> None:
+    """TypeError for a keyword nothing would read, instead of letting it vanish into the attention's `**kwargs`."""
+    unused = sorted(set(kwargs) - MODEL_KWARGS)
+    if unused and model.config._attn_implementation in BUILTIN_ATTENTION:
+        names = ", ".join(repr(name) for name in unused)
+        raise TypeError(f"{type(model).__name__}.forward() got unexpected keyword argument(s) {names}")
+
+
 class IronCorePreTrainedModel(PreTrainedModel):
-    """Shared transformers plumbing: config class, init, FSDP wrap unit, supported attention implementations."""
+    """Shared transformers plumbing: config class, init, FSDP wrap unit, declared capabilities, output recording.
+
+    Declared, each shown by tests/test_model_hf.py: eager, SDPA, flash-attention 2 (`_supports_flash_attn`) and
+    flex attention (`_supports_flex_attn`, it runs on CPU too); any attention registered with transformers'
+    `AttentionInterface` and `AttentionMaskInterface` (`_supports_attention_backend`: every keyword reaches the
+    attention function, logits slice with a tensor, the tensor-parallel plan is the config's); a static cache
+    under `torch.compile(fullgraph=True)` (`_can_compile_fullgraph`); custom 4D attention masks (passed through
+    as given); hidden states and attention weights recorded by transformers' hooks (`_can_record_outputs`).
+    Fused kernels (SDPA, flash, flex) compute no attention weights: `output_attentions=True` with them warns,
+    as transformers does, and returns no weights; eager returns them. flash-attention needs CUDA, so only its
+    varlen arguments are tested on CPU (tests/test_model.py).
+
+    Not declared: a pipeline-parallel plan (`_pp_plan`, `base_model_pp_plan`) and an FSDP plan (`_fsdp_plan`),
+    which IronCore never uses (it shards with Accelerate's FSDP / DeepSpeed around `_no_split_modules`) and does
+    not test.
+    """
 
     config_class = IronCoreConfig
     base_model_prefix = "model"
@@ -288,6 +367,33 @@ class IronCorePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["IronCoreDecoderLayer"]
     _supports_flash_attn = True
     _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": IronCoreDecoderLayer,
+        "attentions": IronCoreAttention,
+    }
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """transformers' resize, counting `new_num_tokens` as real tokens, all of which the model can then predict.
+
+        The rows above `unpadded_vocab_size` only round the GEMMs and have never been trained (their logits are
+        pinned to the dtype minimum), so they are dropped first: every token the resize adds is then initialised
+        the way transformers initialises new tokens, from the real rows. Rows that `pad_to_multiple_of` adds
+        are padding again. Conversions and exports read `unpadded_vocab_size`, so they keep the new tokens.
+        """
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return self.get_input_embeddings()
+        real = self.config.unpadded_vocab_size
+        if real < self.config.vocab_size:
+            super().resize_token_embeddings(real, mean_resizing=False)  # shrinking: nothing is initialised
+        wanted = real if new_num_tokens is None else new_num_tokens
+        embeddings = super().resize_token_embeddings(wanted, pad_to_multiple_of, mean_resizing)
+        self.config.unpadded_vocab_size = wanted
+        return embeddings
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -329,6 +435,9 @@ class IronCoreModel(IronCorePreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -337,25 +446,26 @@ class IronCoreModel(IronCorePreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        refuse_unused_kwargs(self, kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        # A cache only serves generation; in training it would just hold every layer's keys and values.
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past_seen = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
 
         hidden_states = inputs_embeds
         if self.embed_positions is not None:
             hidden_states = hidden_states + self.embed_positions(position_ids)
         hidden_states = self.dropout(hidden_states)
+        # tokens a dynamic cache holds; a static cache's length is a tensor, which compiled decoding must not read
+        past_seen = cache.get_seq_length() if cache is not None and not cache.is_compileable else 0
         attention_mask, kwargs = self._attention_inputs(
             hidden_states, attention_mask, position_ids, cache, past_seen, kwargs
         )
@@ -370,9 +480,7 @@ class IronCoreModel(IronCorePreTrainedModel):
                 cache=cache,
                 **kwargs,
             )
-        return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None
-        )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
     def _attention_inputs(
         self,
@@ -386,26 +494,34 @@ class IronCoreModel(IronCorePreTrainedModel):
         """The mask (or flash varlen lengths) that enforces causality, padding and packed-document boundaries.
 
         A row is packed when its position_ids do not simply count up by one: every other step (a restart at 0,
-        say) begins a new document (transformers' `find_packed_sequence_indices`). This is only looked for on a
-        forward without cached keys. transformers detects packing itself only when
-        there is neither a padding mask nor a cache, so the packed-sequence mask is passed explicitly and AND-ed
-        with the causal and padding masks. flash-attention gets cumulative document lengths for its varlen
-        kernel instead, and the padding mask is dropped: packed rows are right-padded, and causality already
-        keeps real tokens from seeing the padding after them.
+        say) begins a new document (transformers' `find_packed_sequence_indices`). This is looked for only on a
+        forward with nothing in the cache (`past_seen`, the tokens a dynamic cache holds, is 0) and never with a
+        static cache, which only serves generation and is sized beyond the input. transformers finds packed
+        documents itself when there is neither a padding mask nor a cache (padding-free batches in training, as
+        `DataCollatorWithFlattening` sends them); in every other case the packed-sequence mask is passed here and
+        AND-ed with the causal and padding masks. Passing it in the first case too would apply it to positions
+        instead of indices, and cut documents into blocks. flash-attention gets cumulative document lengths for
+        its varlen kernel instead, and the padding mask is dropped: packed rows are right-padded, and causality
+        already keeps real tokens from seeing the padding after them.
         """
         batch_size, seq_len = inputs_embeds.shape[:2]
         segments = None
-        if past_seen == 0 and seq_len > 1:
+        if past_seen == 0 and seq_len > 1 and not getattr(cache, "is_compileable", False):
             segments = find_packed_sequence_indices(position_ids.expand(batch_size, -1))
         if segments is not None and "flash" in self.config._attn_implementation:
             return None, {**kwargs, **flash_varlen_kwargs(segments)}
+        transformers_finds_packing = attention_mask is None and cache is None
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             cache=cache,
             position_ids=position_ids,
-            and_mask_function=packed_sequence_mask_function(segments) if segments is not None else None,
+            and_mask_function=(
+                packed_sequence_mask_function(segments)
+                if segments is not None and not transformers_finds_packing
+                else None
+            ),
         )
         return mask, kwargs
 
@@ -424,6 +540,8 @@ class IronCoreForCausalLM(IronCorePreTrainedModel, GenerationMixin):
         if config.activation_recompute:
             self.activation_checkpointing_enable(recompute_kwargs(config.recompute_strategy))
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -434,9 +552,14 @@ class IronCoreForCausalLM(IronCorePreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
-        """labels are the unshifted input ids (shifted inside, -100 ignored), as everywhere in transformers."""
+        """labels are the unshifted input ids (shifted inside, -100 ignored), as everywhere in transformers.
+
+        `shift_labels` and `ignore_index` go to the loss only (transformers' `ForCausalLMLoss` reads them).
+        """
+        loss_kwargs = {name: kwargs.pop(name) for name in LOSS_ONLY_KWARGS if name in kwargs}
+        refuse_unused_kwargs(self, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -444,6 +567,7 @@ class IronCoreForCausalLM(IronCorePreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,  # even where config.return_dict is False: this forward makes the tuple
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
@@ -452,8 +576,16 @@ class IronCoreForCausalLM(IronCorePreTrainedModel, GenerationMixin):
             logits[..., self.config.unpadded_vocab_size :] = torch.finfo(logits.dtype).min
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs, **kwargs
+            )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
 
 __all__ = ["IronCoreForCausalLM", "IronCoreModel", "IronCorePreTrainedModel"]
