@@ -1,11 +1,13 @@
-"""Training throughput of IronCore's step against HF Trainer and a plain PyTorch loop, in one run.
+"""Training throughput of IronCore's step, eager and compiled, against HF Trainer and a plain PyTorch loop, in one run.
 
-The three implementations train the same GPT-2-shaped model (pre-LN, learned positions, tanh GELU, tied
+The four implementations train the same GPT-2-shaped model (pre-LN, learned positions, tanh GELU, tied
 embeddings, dropout 0, SDPA attention) on the same synthetic token batches, at the same micro batch and
 precision, with AdamW (same lr, betas, eps, weight decay) and gradient clipping at 1.0:
 
 - ``ironcore``: the real step, `ironcore.loop.Loop.train_step`, on a model from `build_model` and an
   Accelerator from `build_accelerator`, exactly as `ironcore train` builds them;
+- ``ironcore_compiled``: the same with `trainer.torch_compile=true` (each decoder layer compiled in place by
+  `ironcore.compilation.compile_model`, as `ironcore train` does; compiling happens before the timed steps);
 - ``hf_trainer``: `transformers.Trainer` training the equivalent `GPT2LMHeadModel`, timed from
   ``on_step_begin`` to ``on_step_end`` (data loading before a step is not counted, as for the other two);
 - ``plain_pytorch``: forward, backward, clip, AdamW step on the same `GPT2LMHeadModel`, no framework: the floor.
@@ -13,7 +15,7 @@ precision, with AdamW (same lr, betas, eps, weight decay) and gradient clipping 
 Each step is timed alone (synchronised on accelerators) after `--warmup` steps; ms/step is the median step
 time and tokens/s is tokens per step over it (the median, because a step that another process slowed down on
 a shared machine should not decide the comparison; mean and min are in the JSON too). MFU uses
-`ironcore.metrics.flops_per_token` of each model and one `peak_flops` value for all three (on CPU a measured
+`ironcore.metrics.flops_per_token` of each model and one `peak_flops` value for all four (on CPU a measured
 matmul rate, so CPU MFU is relative to what a plain GEMM achieves).
 
 Run from the repository root: ``python benchmarks/throughput.py`` (see benchmarks/README.md).
@@ -57,7 +59,7 @@ LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 5e-4, (0.9, 0.95), 1e-8, 0.01, 1.0
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """Model and batch shape shared by the three implementations."""
+    """Model and batch shape shared by the four implementations."""
 
     d_model: int
     layers: int
@@ -187,8 +189,11 @@ def ironcore_overrides(shape: Shape, out_dir: Path, train_steps: int) -> list[st
     ]
 
 
-def bench_ironcore(shape: Shape, batches: list[Batch], warmup: int, work_dir: Path) -> Result:
-    """`Loop.train_step` as `ironcore.loop.train` sets it up (the result also gives the device and padded vocab)."""
+def bench_ironcore(shape: Shape, batches: list[Batch], warmup: int, work_dir: Path, *,
+                   compiled: bool = False) -> Result:
+    """`Loop.train_step` as `ironcore.loop.train` sets it up (the result also gives the device and padded vocab);
+    `compiled`: with trainer.torch_compile, whose layers compile (and whose speed check runs) before the timed steps."""
+    from ironcore.compilation import compile_model
     from ironcore.config import load_config
     from ironcore.models import build_model
     from ironcore.optim import build_optimizer, build_scheduler
@@ -196,10 +201,13 @@ def bench_ironcore(shape: Shape, batches: list[Batch], warmup: int, work_dir: Pa
     from ironcore.loop import Loop
     from ironcore.translate import build_accelerator
 
-    out_dir = work_dir / "ironcore"
-    run = load_config(None, ironcore_overrides(shape, out_dir, len(batches)), world_size=1)
+    name = "ironcore_compiled" if compiled else "ironcore"
+    out_dir = work_dir / name
+    overrides = [*ironcore_overrides(shape, out_dir, len(batches)), f"trainer.torch_compile={str(compiled).lower()}"]
+    run = load_config(None, overrides, world_size=1)
     accelerator = build_accelerator(run)
     model = build_model(run)
+    compile_model(run, model, accelerator)
     optimizer = build_optimizer(model, run.optim, accelerator.device.type)
     scheduler = build_scheduler(optimizer, run.optim, run.operation.train_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -209,7 +217,7 @@ def bench_ironcore(shape: Shape, batches: list[Batch], warmup: int, work_dir: Pa
     finally:
         if loop.metrics is not None:
             loop.metrics.close()
-    return summarize("ironcore", accelerator.unwrap_model(model), shape, times[warmup:], accelerator.device)
+    return summarize(name, accelerator.unwrap_model(model), shape, times[warmup:], accelerator.device)
 
 
 # ---------------------------------------------------------------- GPT-2 baselines
@@ -346,11 +354,11 @@ def summarize(name: str, model: torch.nn.Module, shape: Shape, times: list[float
 
 
 def table(results: list[Result]) -> str:
-    header = (f"| {'implementation':<14} | {'params':>10} | {'tokens/s':>10} | {'ms/step':>9} | {'MFU':>7} "
+    header = (f"| {'implementation':<17} | {'params':>10} | {'tokens/s':>10} | {'ms/step':>9} | {'MFU':>7} "
               f"| {'vs plain':>8} |")
     rule = "|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|"
     rows = [
-        f"| {r.implementation:<14} | {r.params:>10,} | {r.tokens_per_sec:>10,.0f} | {r.ms_per_step:>9.1f} | "
+        f"| {r.implementation:<17} | {r.params:>10,} | {r.tokens_per_sec:>10,.0f} | {r.ms_per_step:>9.1f} | "
         f"{r.mfu * 100:>6.2f}% | {r.vs_plain:>7.2f}x |"
         for r in results
     ]
@@ -370,9 +378,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, help="vocabulary size (IronCore pads it to trainer.vocab_padding_unit; "
                                                    "the GPT-2 models get the padded size too)")
     parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
-                        help="float32, or bfloat16 autocast over float32 weights in all three")
+                        help="float32, or bfloat16 autocast over float32 weights in all four")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="run the three-way comparison N times and keep each implementation's fastest round "
+                        help="run the four-way comparison N times and keep each implementation's fastest round "
                              "(for shared, noisy machines)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -388,15 +396,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def compare(shape: Shape, batches: list[Batch], warmup: int, work_dir: Path) -> list[Result]:
-    """One round: IronCore, then HF Trainer, then the plain loop, each with a fresh model, optimizer and Accelerator."""
+    """One round: IronCore eager, IronCore compiled, HF Trainer, then the plain loop, each with a fresh model,
+    optimizer and Accelerator."""
     ironcore = bench_ironcore(shape, batches, warmup, work_dir)
+    fresh_accelerate_state()
+    release(ironcore.device)
+    compiled = bench_ironcore(shape, batches, warmup, work_dir, compiled=True)
     fresh_accelerate_state()
     release(ironcore.device)
     hf = bench_hf_trainer(shape, batches, warmup, ironcore.vocab_size, ironcore.device, work_dir)
     fresh_accelerate_state()
     release(ironcore.device)
     plain = bench_plain(shape, batches, warmup, ironcore.vocab_size, ironcore.device)
-    return [ironcore, hf, plain]
+    return [ironcore, compiled, hf, plain]
 
 
 def describe_device(device: torch.device) -> str:
@@ -429,7 +441,7 @@ def quiet() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # One device for all three: with several GPUs visible, Trainer would wrap its model in nn.DataParallel.
+    # One device for all four: with several GPUs visible, Trainer would wrap its model in nn.DataParallel.
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     shape = Shape(args.d_model, args.layers, args.heads, args.seq, args.batch, args.vocab, args.precision)
     batches = synthetic_batches(shape, args.warmup + args.steps)
@@ -450,12 +462,14 @@ def main(argv: list[str] | None = None) -> int:
         r.vs_plain = r.tokens_per_sec / plain.tokens_per_sec
 
     device_name = describe_device(device)
-    print(f"device: {device_name} | torch {torch.__version__} | attention: sdpa (all three) | "
+    print(f"device: {device_name} | torch {torch.__version__} | attention: sdpa (all four) | "
           f"precision: {shape.precision}")
     print(f"shape: d_model {shape.d_model}, layers {shape.layers}, heads {shape.heads}, seq {shape.seq}, "
           f"batch {shape.batch}, vocab {shape.vocab} (model vocab {vocab_size}) | {args.steps} timed steps after "
           f"{args.warmup} warmup | peak {peak / 1e12:.3f} TFLOP/s ({peak_source(device, dtype)})")
     print(table(results))
+    compiled_vs_eager = best["ironcore_compiled"].tokens_per_sec / best["ironcore"].tokens_per_sec
+    print(f"ironcore_compiled / ironcore: {compiled_vs_eager:.2f}x tokens/s (trainer.torch_compile on this device)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
@@ -467,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_flops": peak,
             "peak_source": peak_source(device, dtype),
             "repeat": args.repeat,
+            "compiled_vs_eager": compiled_vs_eager,
             "results": [{k: v for k, v in dataclasses.asdict(r).items() if k != "device"} for r in results],
         }, indent=2) + "\n")
     return 0

@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -124,16 +125,22 @@ def find_resume_checkpoint(run_dir: Path, *, verify_checksums: bool = True) -> P
     `latest` is used when it points to a checkpoint that verifies; otherwise the `step_*` directories are
     tried newest-first. A directory without the completion marker, or whose files do not match the
     manifest, is skipped with a warning naming it. Raises CheckpointError when checkpoints exist but none
-    is usable (resuming from scratch silently would throw the run away). Read-only: safe on every rank.
-    `verify_checksums=False` checks sizes only (no full read of the files).
+    is usable, or when `latest` names a checkpoint and none is left (resuming from scratch silently would
+    throw the run away). Read-only: safe on every rank. `verify_checksums=False` checks sizes only (no full
+    read of the files).
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
     candidates = _step_dirs(root)
+    latest_name = _read_latest(root)
     if not candidates:
-        return None
+        if latest_name is None:
+            return None
+        raise CheckpointError(
+            f"{root / LATEST_FILE} names {latest_name}, but {root} holds no step_* checkpoint (deleted or moved?); "
+            "restore it, or start over with --fresh (trainer.resume=false)"
+        )
     problems: dict[str, str] = {}
 
-    latest_name = _read_latest(root)
     if latest_name is not None:
         latest = root / latest_name
         problem = _problem(latest, verify_checksums) if latest in candidates else "missing"
@@ -156,6 +163,19 @@ def find_resume_checkpoint(run_dir: Path, *, verify_checksums: bool = True) -> P
     raise CheckpointError(
         f"{root} has {len(candidates)} checkpoint(s) but none is usable ({detail}); move them away to start fresh"
     )
+
+
+def set_aside(path: Path) -> Path:
+    """Rename `path` to an unused `<stem>.old-<time><suffix>` beside it (`checkpoints.old-20260101-120000`,
+    `metrics.old-20260101-120000.jsonl`) and return the new path: a fresh start neither mixes with nor
+    deletes what an earlier run left. A second fresh start within the same second gets a `-1` suffix."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = path.with_name(f"{path.stem}.old-{stamp}{path.suffix}"), 0
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.stem}.old-{stamp}-{n}{path.suffix}")
+    path.rename(aside)
+    return aside
 
 
 def verify_checkpoint(ckpt_dir: Path, *, checksums: bool = True) -> None:

@@ -23,13 +23,13 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from ironcore.config import config_to_dict, load_config
+    from ironcore.config import config_to_dict, derived_to_dict, load_config
     from ironcore.launch_config import explain, write_accelerate_config
     from ironcore.translate import LaunchEnv
 
     run = load_config(args.config, args.overrides, world_size=args.world_size)
     env = LaunchEnv.from_environ(world_size=args.world_size)
-    report = config_to_dict(run)
+    report = {**config_to_dict(run), "derived": derived_to_dict(run)}
     if args.explain:
         report["explain"] = explain(run, env)
     if args.write_accelerate_config:

@@ -12,7 +12,6 @@ from typing import Literal
 
 from ironcore import metrics
 from ironcore.config.schema import ModelConfig, RunConfig
-from ironcore.models.configuration_ironcore import padded_vocab_size
 
 GATED_ACTIVATIONS = frozenset({"swiglu", "geglu"})
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -33,7 +32,7 @@ class ParamCount:
     non_embedding: int
 
 
-def count_parameters(model: ModelConfig, vocab_size: int, padding_unit: int = 1) -> ParamCount:
+def count_parameters(model: ModelConfig, vocab_size: int) -> ParamCount:
     """Count parameters analytically, following IronCore's decoder layout (nanoGPT / HF GPT-2 / LLaMA).
 
     Per layer: attention Q and O of width `num_attention_heads * head_dim`, K and V of width
@@ -42,20 +41,19 @@ def count_parameters(model: ModelConfig, vocab_size: int, padding_unit: int = 1)
     (post-LN already ends each layer with one).
     `no_bias` removes every linear bias and the LayerNorm bias (RMSNorm has none anyway).
     Tied embeddings share the LM head with the token embedding; untied ones add a bias-free head.
+    `vocab_size` is the embedding's row count: the padded vocabulary (`run.derived.padded_vocab_size`).
     """
     d, f, layers = model.d_model, model.d_ffn, model.num_layers
     q_width = model.num_attention_heads * model.head_dim
     kv_width = (model.num_attention_groups or model.num_attention_heads) * model.head_dim
     bias = not model.no_bias
-    vocab = padded_vocab_size(vocab_size, padding_unit)
-
-    embedding = vocab * d
+    embedding = vocab_size * d
     position = model.max_seq_len * d if model.positional_embedding.type == "absolute" else 0
     attention = d * q_width + 2 * d * kv_width + q_width * d + (q_width + 2 * kv_width + d if bias else 0)
     mlp_matrices = 3 if model.activation_type in GATED_ACTIVATIONS else 2
     mlp = mlp_matrices * d * f + ((mlp_matrices - 1) * f + d if bias else 0)
     norm = d * (2 if model.ln_type == "layernorm" and bias else 1)
-    lm_head = vocab * d if model.untie_embed else 0
+    lm_head = vocab_size * d if model.untie_embed else 0
 
     attention_total, mlp_total = layers * attention, layers * mlp
     norms = (2 * layers + (0 if model.post_ln else 1)) * norm
@@ -126,8 +124,7 @@ def activation_bytes(run: RunConfig, seq_len: int) -> dict[str, int]:
         per_layer = 34 * s * b * h
     else:
         per_layer = 2 * s * b * h
-    vocab = padded_vocab_size(run.data.vocab_size, run.trainer.vocab_padding_unit)
-    return {"layers": int(model.num_layers * per_layer * scale), "logits": 4 * s * b * vocab}
+    return {"layers": int(model.num_layers * per_layer * scale), "logits": 4 * s * b * run.derived.padded_vocab_size}
 
 
 def estimate_memory(run: RunConfig, params: ParamCount, sharding: Sharding, seq_len: int) -> dict[str, int]:
@@ -162,8 +159,8 @@ def estimate_memory(run: RunConfig, params: ParamCount, sharding: Sharding, seq_
 
 def estimate(run: RunConfig, sharding: Sharding = Sharding()) -> dict:
     """Parameter count, FLOPs per token and memory for `run`, as a JSON-able dict (bytes and GiB)."""
-    seq_len = run.data.seq_length or run.model.max_seq_len
-    params = count_parameters(run.model, run.data.vocab_size, run.trainer.vocab_padding_unit)
+    seq_len = run.data.seq_length
+    params = count_parameters(run.model, run.derived.padded_vocab_size)
     memory = estimate_memory(run, params, sharding, seq_len)
     return {
         "parameters": asdict(params),

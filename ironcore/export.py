@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from accelerate import Accelerator
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ironcore.errors import CheckpointError
+from ironcore.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from ironcore.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
 Arch = Literal["ironcore", "gpt2", "llama"]
+# What `save_pretrained` of a tokenizer always writes; without either, AutoTokenizer would guess from config.json
+# (and, for a remote-code model, stop to ask on stdin whether to run it).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def save_hf(accelerator: Accelerator, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
@@ -88,11 +94,10 @@ def load_checkpoint_model(ckpt: Path) -> tuple[PreTrainedModel, PreTrainedTokeni
     checksums, which would also read the optimizer state). Only a full `model.safetensors` is read: DeepSpeed and
     sharded FSDP checkpoints keep per-rank shards that need their engine to be gathered.
     """
-    import yaml
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from ironcore.checkpoint import verify_checkpoint
-    from ironcore.config import config_from_dict
     from ironcore.data import load_tokenizer
     from ironcore.models import IronCoreConfig, IronCoreForCausalLM
     from ironcore.models.conversion import load_state, uninitialized
@@ -104,31 +109,77 @@ def load_checkpoint_model(ckpt: Path) -> tuple[PreTrainedModel, PreTrainedTokeni
     if not weights.is_file():
         raise CheckpointError(f"{ckpt}: no model.safetensors (a DeepSpeed or sharded FSDP checkpoint); export the "
                               "run directory after training, or a checkpoint saved with full weights")
-    raw = yaml.safe_load(config_file.read_text())
-    run = config_from_dict(raw, world_size=raw["parallel"]["world_size"])
+    run = read_run_config(config_file)
     model = uninitialized(IronCoreForCausalLM, IronCoreConfig.from_run_config(run))
-    load_state(model, load_file(weights), str(ckpt))
+    try:
+        state = load_file(weights)
+    except SafetensorError as err:
+        raise CheckpointError(f"{weights}: not a readable safetensors file, truncated or corrupt ({err})") from None
+    load_state(model, state, str(ckpt))
     return model, load_tokenizer(run)
+
+
+def read_run_config(config_file: Path) -> RunConfig:
+    """The RunConfig a run saved as `config.yaml`, resolved for the world size it was trained with; a file that does
+    not parse or no longer validates is one CheckpointError naming it."""
+    from ironcore.config import config_from_dict
+    from ironcore.config.load import read_yaml
+
+    try:
+        raw = read_yaml(config_file)
+        parallel = raw.get("parallel")
+        world_size = parallel.get("world_size") if isinstance(parallel, dict) else None
+        if not isinstance(world_size, int) or isinstance(world_size, bool):
+            raise ConfigError("parallel.world_size: missing (a run's resolved config.yaml always has it)")
+        return config_from_dict(raw, world_size=world_size)
+    except ConfigError as err:
+        where = "" if str(err).startswith(str(config_file)) else f"{config_file}: "
+        raise CheckpointError(f"{where}{err}") from None
+
+
+def load_model_dir_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved next to a model's weights (an export always holds one), in one error line when missing."""
+    from transformers import AutoTokenizer
+
+    missing = [name for name in TOKENIZER_FILES if not (model_dir / name).is_file()]
+    if len(missing) == len(TOKENIZER_FILES):
+        raise CheckpointError(f"{model_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); an export holds its "
+                              "model's tokenizer, copy it back from the run's export/ or tokenizer directory")
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(": ")
+        without = f" without {', '.join(missing)}" if missing else ""
+        raise CheckpointError(f"{model_dir}: its tokenizer does not load{without} ({reason})") from None
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """`export --out` must be a directory or a path to create one at: refused before anything is loaded or written."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "is an existing file" if path == out_dir else f"is under {path}, which is a file"
+                raise CheckpointError(f"--out {out_dir}: {what}; give a directory (created if missing)")
+            return
 
 
 def export(src: Path, out_dir: Path, arch: Arch = "ironcore", push_to_hub: str | None = None) -> Path:
     """Re-export a finished run, one of its checkpoints, or an IronCore / GPT-2 / LLaMA model dir as `arch`,
     optionally uploading it."""
-    from transformers import AutoTokenizer
-
     from ironcore.models import load_pretrained
 
-    src = Path(src)
+    src, out_dir = Path(src), Path(out_dir)
+    check_out_dir(out_dir)
     if is_checkpoint(src):
         model, tokenizer = load_checkpoint_model(src)
     else:
         source = export_source(src)
         model = load_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    write_export(model, tokenizer, Path(out_dir), arch=arch)
+        tokenizer = load_model_dir_tokenizer(source)
+    write_export(model, tokenizer, out_dir, arch=arch)
     if push_to_hub:
-        push(Path(out_dir), push_to_hub)
-    return Path(out_dir)
+        push(out_dir, push_to_hub)
+    return out_dir
 
 
 def push(folder: Path, repo_id: str) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from ironcore.compilation import compile_plan
 from ironcore.config.schema import RunConfig
 from ironcore.errors import ConfigError
 from ironcore.estimate import Sharding, estimate
@@ -138,9 +139,11 @@ def _sharding(run: RunConfig, env: LaunchEnv, plan: BatchPlan) -> Sharding:
 
 def explain(run: RunConfig, env: LaunchEnv) -> dict:
     """Everything a launch of `run` in `env` would use, as a JSON-able dict: batch arithmetic, Accelerator
-    arguments, DeepSpeed JSON, FSDP settings, conversions made, and the size/FLOPs/memory estimate."""
+    arguments, what trainer.torch_compile compiles, DeepSpeed JSON, FSDP settings, conversions made, and the
+    size/FLOPs/memory estimate."""
+    check_supported(run, env)
     settings = accelerator_settings(run, env)
-    plan = batch_plan(run, env)
+    plan = batch_plan(run)
     return {
         "launch": asdict(env),
         "batch": {
@@ -153,6 +156,7 @@ def explain(run: RunConfig, env: LaunchEnv) -> dict:
             ),
         },
         "accelerator": settings,
+        "compile": compile_plan(run),
         "launch_config_distributed_type": launch_distributed_type(run, env),
         "trackers": {
             "environ": tracker_environ(run),

@@ -23,14 +23,17 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from ironcore.checkpoint import CHECKPOINTS_DIR, MODEL_CONFIG_KEY, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from ironcore.checkpoint import (
+    CHECKPOINTS_DIR, MODEL_CONFIG_KEY, find_resume_checkpoint, load_checkpoint, save_checkpoint, set_aside,
+)
+from ironcore.compilation import compile_model
 from ironcore.config import RunConfig, config_to_dict
 from ironcore.data import TrainLoader, build_eval_loader, build_train_loader, load_tokenizer, prepare_data
 from ironcore.data.loader import make_collator
 from ironcore.errors import CheckpointError, ConfigError, IronCoreError
 from ironcore.export import save_hf
 from ironcore.metrics import MetricsLog, flops_per_token, global_norm, memory_report, mfu, non_embedding_param_count, peak_flops
-from ironcore.models import build_model, padded_vocab_size
+from ironcore.models import build_model
 from ironcore.optim import build_optimizer, build_scheduler
 from ironcore.profiling import StepProfiler
 from ironcore.tasks import Batch, DirectPreference, LanguageModeling, reference_logps
@@ -68,7 +71,7 @@ def train(run: RunConfig) -> Path:
     if accelerator.is_main_process:
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(run), sort_keys=False))
         if step == 0:
-            loop.metrics.clear()
+            set_aside_logs(loop)
     accelerator.init_trackers(tracker_project_name(run), config=flat_config(run), init_kwargs=tracker_init_kwargs(run))
     try:
         if loop.run(step, iter(loader), loader):
@@ -95,13 +98,13 @@ def build_loop(run: RunConfig, out: Path) -> tuple[Loop, TrainLoader]:
         data = prepare_data(run, tokenizer)
     model = build_model(run)
     tasks = build_tasks(run, model, data, tokenizer, accelerator)
+    compile_model(run, model, accelerator)  # after DPO copied its reference, before prepare wraps or shards
     optimizer = build_optimizer(model, run.optim, accelerator.device.type)
     scheduler = build_scheduler(optimizer, run.optim, run.operation.train_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     set_seed(run.init.seed + accelerator.process_index)  # dropout differs per rank, weights do not
 
-    loader = build_train_loader(data.train, run, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                tokenizer=tokenizer)
+    loader = build_train_loader(data.train, run, rank=accelerator.process_index, tokenizer=tokenizer)
     loop = Loop(run, out, accelerator, model, optimizer, scheduler, tasks["train"], data, tokenizer, eval_tasks=tasks)
     return loop, loader
 
@@ -180,9 +183,9 @@ def every_row_once(dataset, run: RunConfig, tokenizer, rows: int, *, rank: int, 
     """
     if rows == 0:
         return
-    collate = make_collator(dataset, run, tokenizer)
+    collate = make_collator(run, tokenizer)
     indices = list(range(rank, rows, world_size))
-    size = run.trainer.eval_batch_size or run.trainer.micro_batch_size
+    size = run.trainer.eval_batch_size
     for start in range(0, len(indices), size):
         chunk = indices[start : start + size]
         columns = dataset[chunk]
@@ -237,17 +240,25 @@ def shared_resume_checkpoint(out: Path, accelerator: Accelerator) -> Path | None
 def set_aside_checkpoints(out: Path, accelerator: Accelerator) -> None:
     previous = out / CHECKPOINTS_DIR
     if accelerator.is_main_process and previous.is_dir():
-        aside = out / f"{CHECKPOINTS_DIR}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        previous.rename(aside)
+        aside = set_aside(previous)
         logger.warning("Starting fresh: moved the previous run's checkpoints to %s", aside, main_process_only=True)
     accelerator.wait_for_everyone()
+
+
+def set_aside_logs(loop: Loop) -> None:
+    """A run that starts at step 0 starts a new history: the metrics.jsonl and samples.jsonl an earlier start left
+    move to `<name>.old-<time>.jsonl` with a warning, neither mixed with the new records nor dropped. Main process."""
+    loop.metrics.close()
+    for path in (loop.metrics.path, loop.out / SAMPLES_FILE):
+        if path.is_file() and path.stat().st_size:
+            logger.warning("Starting at step 0: moved the earlier %s to %s", path.name, set_aside(path))
+    loop.metrics = MetricsLog(loop.out)
 
 
 def checkpoint_model_config(run: RunConfig) -> dict[str, object]:
     """The model group as saved with (and compared against) a checkpoint, plus the padded vocabulary size,
     which lives in the data group but sets the embedding shape."""
-    return {**config_to_dict(run)["model"],
-            "vocab_size": padded_vocab_size(run.data.vocab_size, run.trainer.vocab_padding_unit)}
+    return {**config_to_dict(run)["model"], "vocab_size": run.derived.padded_vocab_size}
 
 
 def flat_config(run: RunConfig) -> dict[str, object]:
@@ -364,7 +375,7 @@ class Loop:
 
     @property
     def token_key(self) -> str:
-        return "chosen_attention_mask" if isinstance(self.task, DirectPreference) else "attention_mask"
+        return "chosen_attention_mask" if self.cfg.data.task_type == "dpo" else "attention_mask"
 
     def clip(self) -> float | None:
         """Clip to optim.clip_grad; return the norm before clipping, also without clipping when it is logged."""
@@ -436,8 +447,8 @@ class Loop:
         if dataset is None or len(dataset) == 0 or max_samples == 0:
             return {}
         acc = self.accelerator
-        loader = build_eval_loader(dataset, self.cfg, rank=acc.process_index, world_size=acc.num_processes,
-                                   max_samples=max_samples, tokenizer=self.tokenizer)
+        loader = build_eval_loader(dataset, self.cfg, rank=acc.process_index, max_samples=max_samples,
+                                   tokenizer=self.tokenizer)
         if len(loader) == 0:
             logger.warning("%s: too few rows (%d) to give each of %d processes one; skipped", split,
                            min(max_samples, len(dataset)), acc.num_processes, main_process_only=True)

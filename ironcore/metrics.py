@@ -245,10 +245,6 @@ class MetricsLog:
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
 
-    def clear(self) -> None:
-        """Drop every record so far: a run that starts over from step 0 (e.g. `--fresh`) starts a new history."""
-        self._file.truncate(0)
-
     def close(self) -> None:
         self._file.close()
 

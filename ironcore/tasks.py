@@ -115,6 +115,3 @@ def reference_logps(model: nn.Module, batches, num_samples: int, device: torch.d
         table[batch["sample_ids"]] = torch.stack([chosen, rejected], dim=1)
     return table
 
-
-def task_for(task_type: str, **dpo_kwargs) -> LanguageModeling | DirectPreference:
-    return DirectPreference(**dpo_kwargs) if task_type == "dpo" else LanguageModeling()

@@ -32,7 +32,6 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectCon
 from accelerate.utils.other import get_free_port
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-from ironcore.config.resolve import batch_arithmetic
 from ironcore.config.schema import RunConfig
 from ironcore.errors import ConfigError
 from ironcore.trackers import logging_dir, tracker_environ, trackers
@@ -109,22 +108,18 @@ class BatchPlan:
     tokens_per_step: int
 
 
-def batch_plan(run: RunConfig, env: LaunchEnv) -> BatchPlan:
-    """The run's batch arithmetic at `env`'s world size (the config's rules: `ironcore.config.resolve`)."""
-    t = batch_arithmetic(run.trainer, env.world_size)
-    tp, pp = t.tensor_model_parallel_size, t.pipeline_model_parallel_size
-    dp = env.world_size // (tp * pp)
-    ga = t.gradient_accumulation_steps
-    seq_len = run.data.seq_length or run.model.max_seq_len
+def batch_plan(run: RunConfig) -> BatchPlan:
+    """The resolved run's batch arithmetic (worked out once, by `ironcore.config.resolve`), as one record."""
+    t = run.trainer
     return BatchPlan(
         micro_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=ga,
-        data_parallel_size=dp,
-        tensor_parallel_size=tp,
-        pipeline_parallel_size=pp,
-        world_size=env.world_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        data_parallel_size=run.derived.data_parallel_size,
+        tensor_parallel_size=t.tensor_model_parallel_size,
+        pipeline_parallel_size=t.pipeline_model_parallel_size,
+        world_size=run.parallel.world_size,
         global_batch_size=t.train_batch_size,
-        tokens_per_step=t.train_batch_size * seq_len,
+        tokens_per_step=run.derived.tokens_per_step,
     )
 
 
@@ -133,12 +128,24 @@ def check_supported(run: RunConfig, env: LaunchEnv) -> None:
 
     Settings no machine can run (pipeline / tensor parallelism, FSDP with DeepSpeed, FSDP2 modes that do
     not exist) are refused earlier, when the config is loaded (`ironcore.config.resolve.check_parallel`).
+    Called once per entry point (`build_accelerator`, `explain`, `accelerate_config_file`).
     """
     p = run.parallel
+    if p.world_size != env.world_size:
+        raise ConfigError(
+            f"parallel.world_size: the config was resolved for {p.world_size} process(es) (its batch arithmetic "
+            f"depends on it) but this launch has {env.world_size}; load it with the launch's world size"
+        )
     if run.model.precision == "float16" and not env.cuda_available and not p.deepspeed_config:
         raise ConfigError(
             "model.precision=float16 needs CUDA (on CPU Accelerate does no fp16 autocast and the run would "
             "silently train in fp32) - use bfloat16 or float32"
+        )
+    if run.trainer.torch_compile and p.deepspeed_config and deepspeed_stage(p.deepspeed_config) == 3:
+        raise ConfigError(
+            f"trainer.torch_compile=true with parallel.deepspeed_config={p.deepspeed_config!r}: dynamo re-traces ZeRO-3's "
+            "parameter-gathering hooks until it hits its recompile limit and the layers run eager - use FSDP "
+            "(parallel.use_fsdp: true) or ZeRO-1/2 to train compiled, or torch_compile: false"
         )
     if p.use_fsdp and p.fsdp_offload_params and not env.cuda_available:
         raise ConfigError(
@@ -240,6 +247,11 @@ def load_deepspeed_preset(spec: str) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
+def deepspeed_stage(spec: str) -> int:
+    """The ZeRO stage of a DeepSpeed preset or JSON file."""
+    return load_deepspeed_preset(spec)["zero_optimization"].get("stage", 0)
+
+
 def _set(config: dict, dotted: str, value, spec: str) -> None:
     """Fill `dotted` with our value; a different explicit value in the file is a contradiction, not overridden."""
     *parents, key = dotted.split(".")
@@ -275,7 +287,6 @@ def deepspeed_config(run: RunConfig, env: LaunchEnv) -> dict | None:
     spec = run.parallel.deepspeed_config
     if not spec:
         return None
-    check_supported(run, env)
     config = load_deepspeed_preset(spec)
     for section in ("optimizer", "scheduler"):
         if section in config:
@@ -283,7 +294,7 @@ def deepspeed_config(run: RunConfig, env: LaunchEnv) -> dict | None:
                 f"parallel.deepspeed_config={spec!r} defines {section!r}: IronCore builds it from the optim "
                 "group - remove it"
             )
-    plan = batch_plan(run, env)
+    plan = batch_plan(run)
     d = run.model.d_model
     zero = config["zero_optimization"]
     stage = zero.get("stage", 0)
@@ -333,7 +344,6 @@ def fsdp_settings(run: RunConfig, env: LaunchEnv) -> dict | None:
     p = run.parallel
     if not p.use_fsdp:
         return None
-    check_supported(run, env)
     if p.fsdp_mixed_precision == "mixed":
         param_dtype, reduce_dtype = run.model.precision, "float32"
     else:
@@ -391,17 +401,17 @@ def parallelism_config(run: RunConfig, env: LaunchEnv) -> ParallelismConfig | No
 
 def accelerator_settings(run: RunConfig, env: LaunchEnv) -> dict:
     """The Accelerator arguments as JSON-able values (what `accelerator_kwargs` turns into objects)."""
-    check_supported(run, env)
-    plan = batch_plan(run, env)
     group = uses_process_group(run, env)
     return {
         "mixed_precision": mixed_precision(run),
-        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "gradient_accumulation_steps": run.trainer.gradient_accumulation_steps,
         # IronCore's LR schedule counts optimizer steps and the loop steps it once per optimizer step;
         # Accelerate's default would step a prepared scheduler num_processes times per call.
         "step_scheduler_with_optimizer": False,
-        # trainer.torch_compile: Accelerate compiles the model in prepare() (TorchInductor).
-        "dynamo_backend": "inductor" if run.trainer.torch_compile else "no",
+        # Never Accelerate's whole-model compile (an OptimizedModule wrapper, `_orig_mod.` keys): trainer.torch_compile
+        # compiles each decoder layer in place (ironcore/compilation.py), and "no" also overrides a
+        # dynamo backend that an accelerate config or ACCELERATE_DYNAMO_BACKEND would otherwise switch on.
+        "dynamo_backend": "no",
         # DDP and FSDP on CPU need cpu=True (a gloo MULTI_CPU group); DeepSpeed must never get it
         # (Accelerate would silently drop DeepSpeed).
         "cpu": not env.cuda_available and not run.parallel.deepspeed_config,

@@ -16,6 +16,7 @@ os.environ.update(
 )
 os.environ.setdefault("HF_HOME", str(_CACHE / "hf"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_CACHE / "torch_extensions"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_CACHE / "torchinductor"))  # trainer.torch_compile's kernels
 os.environ.setdefault("WANDB_DIR", str(_CACHE / "wandb"))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

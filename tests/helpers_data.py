@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, LlamaTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ironcore.config.resolve import resolve  # noqa: E402
 from ironcore.config.schema import DataConfig, DatasetSpec, InitConfig, ModelConfig, RunConfig, TrainerConfig  # noqa: E402
 from ironcore.data.builtin_corpus import pretrain_texts  # noqa: E402
 from ironcore.data.tokenizer import train_tokenizer  # noqa: E402
@@ -86,17 +87,18 @@ def own_tok_fixture(own_tok_dir):
 
 
 def make_run(tmp_path: Path, task: str, specs, tok_dir: Path | str, *, seq_length: int = SEQ, micro_batch_size: int = 4,
-             seed: int = 1337, loader_workers: int = 0, **data) -> RunConfig:
-    """A RunConfig for data tests: tiny model context, cache under tmp_path; `loader_workers` are DataLoader workers."""
+             seed: int = 1337, loader_workers: int = 0, world_size: int = 1, **data) -> RunConfig:
+    """A RunConfig for data tests resolved for `world_size` processes: tiny model context, cache under tmp_path;
+    `loader_workers` are DataLoader workers."""
     data.setdefault("vocab_size", 1024)
     data.setdefault("cache_dir", str(tmp_path / "cache"))
     data.setdefault("splits", (1.0, 0.0, 0.0))
-    return RunConfig(
+    return resolve(RunConfig(
         model=ModelConfig(max_seq_len=SEQ, tokenizer_type="auto", vocab_name_or_path=str(tok_dir)),
         data=DataConfig(task_type=task, seq_length=seq_length, train_datasets=tuple(specs), **data),
         trainer=TrainerConfig(micro_batch_size=micro_batch_size, num_workers=loader_workers),
         init=InitConfig(seed=seed),
-    )
+    ), world_size=world_size)
 
 
 def spec(path, **kw) -> DatasetSpec:

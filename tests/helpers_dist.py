@@ -42,6 +42,9 @@ TINY = [
     "trainer.log_sample_ids=true", "operation.test_samples=0", "optim.warmup_steps=1", "optim.max_lr=3e-3",
     "optim.min_lr=3e-4", "utils.log_level=WARNING",
 ]
+# The spec's default dropout (the tiny-gpt2 preset has 0): every resume test trains with it, so a resumed run must
+# continue the restored RNG stream exactly. Layout parity (2 ranks vs 1 process) needs 0: each rank draws its own masks.
+DROPOUT = ["model.dropout_embd=0.1", "model.dropout_attn=0.1", "model.dropout_mlp=0.1"]
 PRETRAIN = ["data.config_path=builtin_pretrain", *TINY]
 SFT = ["data.config_path=builtin_sft", "data.pack_sequences=true", *TINY]
 STEPS = 6
@@ -117,11 +120,55 @@ def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal `proc`'s process group and every process below it: torchrun starts each worker in a session of its
+    own, which a group signal misses (a SIGKILLed launcher would leave its ranks running)."""
+    below = descendants(proc.pid)
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+    for pid in below:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=30)
+    if sig == signal.SIGKILL:
+        wait_gone(below)
+
+
+def wait_gone(pids: list[int], timeout: float = 30) -> None:
+    """Wait until none of `pids` runs any more (a zombie no longer runs): a relaunch must not share the run
+    directory with a rank of the killed run."""
+    deadline = time.monotonic() + timeout
+    while alive := [pid for pid in pids if running(pid)]:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes {alive} still run {timeout} s after SIGKILL")
+        time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (children, their children, ...), read from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
 
 
 def finish(proc: subprocess.Popen, log: Path, started: float, timeout: float = RUN_TIMEOUT) -> Result:
@@ -160,14 +207,15 @@ def finished_then_aborted(result: Result, nproc: int) -> bool:
     return TEARDOWN_ABORT in result.output and result.output.count("model exported to ") == nproc
 
 
-def run_until_signal(run_dir: Path, overrides: list[str], hook_env: dict[str, str], *,
+def run_until_signal(run_dir: Path, overrides: list[str], hook_env: dict[str, str], *, nproc: int = 1,
                      timeout: float = RUN_TIMEOUT) -> Path:
-    """Launch through the hook wrapper, wait for the hook's signal file, then SIGKILL the run; return the log."""
+    """Launch through the hook wrapper, wait for the hook's signal file, then SIGKILL the run (every rank); return
+    the log."""
     signal_file = run_dir.parent / f"{run_dir.name}.signal"
     signal_file.unlink(missing_ok=True)
     log = run_dir.parent / f"{run_dir.name}.log"
     env = child_env(IRONCORE_TEST_SIGNAL=str(signal_file), **hook_env)
-    proc = start(command(run_dir, overrides, hooks=True), env, log)
+    proc = start(command(run_dir, overrides, nproc=nproc, hooks=True), env, log)
     deadline = time.monotonic() + timeout
     try:
         while not signal_file.exists():
@@ -182,6 +230,32 @@ def run_until_signal(run_dir: Path, overrides: list[str], hook_env: dict[str, st
     return log
 
 
+def interrupted_run(run_dir: Path, overrides: list[str], *, nproc: int = 1) -> list[dict]:
+    """The run of `overrides` (STEPS steps, a checkpoint every 2) stopped each way a run stops, relaunched each time
+    with the same config: operation.exit_interval after step 3 (which also saves step 3), SIGKILLed inside the save
+    of step 4 (resumes from step 3 again), SIGKILLed inside step 5 (resumes from step 4), then run to the end.
+    Returns, per launch, the steps it logged and the checkpoints it left (`launch_state`)."""
+    overrides = [*overrides, "operation.exit_interval=3"]
+    launches = []
+    for hook in (None, {"IRONCORE_TEST_HANG_IN_SAVE": "4"}, {"IRONCORE_TEST_HANG_MID_STEP": "5"}, None):
+        before = len(read_jsonl(run_dir / "metrics.jsonl")) if (run_dir / "metrics.jsonl").exists() else 0
+        if hook is None:
+            run(run_dir, overrides, nproc=nproc, fresh=not launches)
+        else:
+            run_until_signal(run_dir, overrides, hook, nproc=nproc)
+        launches.append(launch_state(run_dir, before))
+    return launches
+
+
+def launch_state(run_dir: Path, records_before: int) -> dict:
+    """What one launch left: the steps it logged (metrics records after `records_before`) and the checkpoints."""
+    return {
+        "steps": [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")[records_before:] if "loss" in r],
+        "checkpoints": checkpoints(run_dir), "latest": latest(run_dir),
+        "tmp": sorted(p.name for p in (run_dir / "checkpoints").glob(".tmp-*")),
+    }
+
+
 # ---------------------------------------------------------------- reading a run directory
 
 
@@ -192,6 +266,23 @@ def read_jsonl(path: Path) -> list[dict]:
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss from metrics.jsonl; after a resume the last record of a step wins."""
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, training loss) of every record in metrics.jsonl, in order, also those a relaunch logged again."""
+    return [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def assert_bitwise_equal(run_dir: Path, reference: Path) -> None:
+    """Every loss `run_dir` logged (by any of its launches), its eval losses and its sample ids equal the
+    uninterrupted `reference`'s exactly, and every step was logged."""
+    expected = losses(reference)
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+    mismatched = [(step, loss, expected.get(step)) for step, loss in logged_losses(run_dir)
+                  if loss != expected.get(step)]
+    assert not mismatched, f"(step, loss, uninterrupted loss): {mismatched}"
+    assert eval_losses(run_dir) == eval_losses(reference)
+    assert samples(run_dir) == samples(reference)
 
 
 def eval_losses(run_dir: Path) -> dict[int, float]:

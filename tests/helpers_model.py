@@ -11,6 +11,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ironcore.config.resolve import resolve
 from ironcore.config.schema import (
     DataConfig,
     InitConfig,
@@ -51,7 +52,7 @@ def tiny_run(
         positional_embedding=PositionalEmbeddingConfig(type=pe, **(rope or {})),
     )
     fields.update(model)
-    return RunConfig(
+    return resolve(RunConfig(
         model=ModelConfig(**fields),
         data=DataConfig(vocab_size=vocab_size),
         trainer=TrainerConfig(vocab_padding_unit=padding_unit, use_flash_attn=True),
@@ -59,7 +60,7 @@ def tiny_run(
         operation=OperationConfig(
             activation_recompute=recompute is not None, recompute_strategy=recompute or "default"
         ),
-    )
+    ), world_size=1)
 
 
 def tiny_config(attn: str = "sdpa", **kwargs: Any) -> IronCoreConfig:

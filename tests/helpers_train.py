@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,6 +63,19 @@ def train_in_process(run: RunConfig) -> Path:
     reset_accelerate()
     with restored_environ():
         return train(run)
+
+
+def cli_errors(args: list[str], capsys) -> tuple[int, list[str]]:
+    """`ironcore ARGS` through `ironcore.cli.main` in this process (fresh Accelerate state and environment): the exit
+    code and the `error:` lines on stderr. A traceback on stderr fails the test."""
+    from ironcore import cli
+
+    reset_accelerate()
+    with restored_environ():
+        code = cli.main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return code, [line.strip() for line in re.split(r"[\r\n]", err) if line.strip().startswith("error:")]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

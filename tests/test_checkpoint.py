@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from helpers_checkpoint import MODEL_CONFIG, build, flat_params, train, train_state
+from helpers_train import cli_errors, example_overrides, read_metrics
 
 from ironcore.checkpoint import (
     COMPLETE_MARKER,
@@ -28,6 +30,7 @@ from ironcore.checkpoint import (
     load_checkpoint,
     read_train_state,
     save_checkpoint,
+    set_aside,
     verify_checkpoint,
 )
 from ironcore.errors import CheckpointError
@@ -191,6 +194,54 @@ def test_no_checkpoint_yet_means_fresh_start(tmp_path):
     assert find_resume_checkpoint(tmp_path) is None
     (tmp_path / "checkpoints" / ".tmp-step_1").mkdir(parents=True)  # the very first save was killed
     assert find_resume_checkpoint(tmp_path) is None
+
+
+def test_latest_naming_a_deleted_checkpoint_with_none_left_is_refused(tmp_path):
+    """Someone deleted the checkpoints but not the pointer: resuming from scratch silently would retrain and
+    overwrite the run, so the search refuses, naming the pointer and what it names."""
+    saved_run(tmp_path, [1, 2])
+    for name in ckpts(tmp_path):
+        shutil.rmtree(tmp_path / "checkpoints" / name)
+    with pytest.raises(CheckpointError) as caught:
+        find_resume_checkpoint(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'checkpoints' / LATEST_FILE} names step_2") and "--fresh" in message
+
+
+def test_set_aside_never_overwrites_an_earlier_one(tmp_path):
+    """Two fresh starts in the same second each keep what they moved aside."""
+    path = tmp_path / "metrics.jsonl"
+    moved = []
+    for text in ("first\n", "second\n"):
+        path.write_text(text)
+        moved.append(set_aside(path))
+    assert not path.exists() and len(set(moved)) == 2
+    assert [p.read_text() for p in moved] == ["first\n", "second\n"]
+    assert all(p.name.startswith("metrics.old-") and p.suffix == ".jsonl" for p in moved)
+
+
+def test_train_refuses_a_dangling_latest_and_a_fresh_start_keeps_the_metrics(tmp_path, capsys, caplog):
+    """Through `ironcore train`: a relaunch whose `checkpoints/latest` names a deleted checkpoint (none left) is one
+    line and changes nothing; `--fresh` then starts over and moves the earlier metrics.jsonl aside, with a warning."""
+    run_dir, config = tmp_path / "run", str(ROOT / "examples" / "pretrain.yaml")
+    overrides = example_overrides(run_dir, "operation.train_steps=2", "trainer.save_checkpoint_steps=2",
+                                  "optim.warmup_steps=1", "trainer.do_eval=false", "operation.test_samples=0")
+    assert cli_errors(["train", config, *overrides], capsys) == (0, [])
+    earlier = (run_dir / "metrics.jsonl").read_bytes()
+    shutil.rmtree(run_dir / "checkpoints" / "step_2")
+
+    code, errors = cli_errors(["train", config, *overrides, "trainer.resume=true"], capsys)
+    assert code == 2 and len(errors) == 1, errors
+    assert f"{run_dir / 'checkpoints' / LATEST_FILE} names step_2" in errors[0]
+    assert (run_dir / "metrics.jsonl").read_bytes() == earlier  # nothing trained, nothing dropped
+
+    with caplog.at_level(logging.WARNING):
+        assert cli_errors(["train", "--fresh", config, *overrides, "trainer.resume=true"], capsys) == (0, [])
+    (aside,) = run_dir.glob("metrics.old-*.jsonl")
+    assert aside.read_bytes() == earlier
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2]
+    assert any(f"moved the earlier metrics.jsonl to {aside}" in r.getMessage() for r in caplog.records)
+    assert (run_dir / "checkpoints" / "step_2").is_dir() and len(list(run_dir.glob("checkpoints.old-*"))) == 1
 
 
 def test_sigkill_mid_save_leaves_the_previous_checkpoint(tmp_path):

@@ -14,6 +14,7 @@ import yaml
 from ironcore.cli import main
 from ironcore.config import GROUPS, config_to_dict, load_config
 from ironcore.config.docs import README, updated
+from ironcore.config.load import read_yaml
 from ironcore.config.schema import ModelConfig, RunConfig
 from ironcore.errors import ConfigError
 
@@ -154,7 +155,7 @@ def test_config_reference_is_generated_from_schema():
 def test_cli_prints_every_field_as_json(cfg, capsys):
     assert main(["config", str(cfg), "--format", "json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert set(printed) == set(GROUPS)
+    assert set(printed) == {*GROUPS, "derived"}
     for group, cls in GROUPS.items():
         assert set(printed[group]) == {f.name for f in dataclasses.fields(cls)}
 
@@ -172,7 +173,7 @@ def test_cli_yaml_explain_shows_every_group_and_what_a_deepspeed_launch_uses(cfg
     overrides = ["parallel.deepspeed_config=zero2", "optim.clip_grad=0.3"]
     argv = [str(cfg), "--world-size", "2", "--explain", *overrides]
     printed = cli_output(capsys, *argv, "--format", "yaml")
-    assert set(printed) == {*GROUPS, "explain"}
+    assert set(printed) == {*GROUPS, "derived", "explain"}
     for group, cls in GROUPS.items():
         assert set(printed[group]) == {f.name for f in dataclasses.fields(cls)}, group
     assert printed["parallel"]["world_size"] == 2 and printed["trainer"]["train_batch_size"] == 8  # 4 x 1 x 2
@@ -201,7 +202,7 @@ def test_cli_yaml_explain_shows_every_group_and_what_a_deepspeed_launch_uses(cfg
 def test_cli_json_explain_shows_fsdp_settings(cfg, capsys):
     printed = cli_output(capsys, str(cfg), "--format", "json", "--world-size", "2", "--explain", "parallel.use_fsdp=true",
                          "parallel.fsdp_state_dict_type=sharded")
-    assert set(printed) == {*GROUPS, "explain"}
+    assert set(printed) == {*GROUPS, "derived", "explain"}
     explained = printed["explain"]
     assert explained["accelerator"]["distributed_type"] == "FSDP" and explained["deepspeed"] is None
     fsdp = explained["fsdp"]
@@ -217,7 +218,7 @@ def test_cli_writes_an_accelerate_config_file(cfg, tmp_path, capsys, monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU launch on any machine
     out = tmp_path / "launch" / "accelerate.yaml"
     printed = cli_output(capsys, str(cfg), "--world-size", "2", "--write-accelerate-config", str(out))
-    assert set(printed) == set(GROUPS)  # the resolved config is still printed
+    assert set(printed) == {*GROUPS, "derived"}  # the resolved config is still printed
     written = yaml.safe_load(out.read_text())
     assert written["compute_environment"] == "LOCAL_MACHINE"
     assert (written["distributed_type"], written["num_processes"], written["num_machines"]) == ("MULTI_GPU", 2, 1)
@@ -301,6 +302,15 @@ BAD_INPUTS = [
     ("yaml syntax", "trainer:\n  micro_batch_size: [2\n", [], r"run.yaml:\d+: YAML syntax error"),
     ("empty file", "", [], r"run.yaml: the file is empty"),
     ("python tag", "trainer: !!python/object:os.system {}\n", [], r"run.yaml:1: tag not allowed"),
+    ("duplicate field", "trainer:\n  micro_batch_size: 2\n  log_interval: 5\n  micro_batch_size: 4\n", [],
+     r"run.yaml:4: key 'micro_batch_size' is given twice in one mapping \(first on line 2\)"),
+    ("duplicate group", "model: gpt2-small\ntrainer:\n  micro_batch_size: 2\nmodel: tiny-gpt2\n", [],
+     r"run.yaml:4: key 'model' is given twice in one mapping \(first on line 1\)"),
+    ("duplicate nested key", "model:\n  positional_embedding: {type: rope, type: absolute}\n", [],
+     r"run.yaml:2: key 'type' is given twice"),
+    ("duplicate key in override", "", ["model.positional_embedding={type: rope, type: absolute}"],
+     r"override 'model.positional_embedding=.*': key 'type' is given twice"),
+    ("control character", "trainer:\n  model_name: a\x01b\n", [], r"run.yaml: character U\+0001 at offset 24 is not allowed"),
     ("batch arithmetic", "trainer:\n  micro_batch_size: 4\n  train_batch_size: 480\n  gradient_accumulation_steps: 60\n", [],
      r"trainer.train_batch_size: 480 != micro_batch_size 4 x gradient_accumulation_steps 60 x dp_size 1 .* = 240"),
     ("fsdp + deepspeed", "parallel:\n  use_fsdp: true\n  deepspeed_config: zero2\n", [], r"parallel.use_fsdp and parallel.deepspeed_config='zero2' are both set: FSDP and DeepSpeed cannot be combined"),
@@ -323,8 +333,90 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, name, text, overrides, m
     assert re.search(message, err), err
 
 
+@pytest.mark.parametrize("content,message", [
+    (b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)), r"run.yaml: a binary file \(NUL byte at offset 7\)"),
+    ("trainer:\n  model_name: caf\xe9\n".encode("latin-1"), r"run.yaml: not UTF-8 text \(byte 0xe9 at offset 26\)"),
+], ids=["binary", "latin-1"])
+def test_binary_or_non_utf8_config_is_one_line(tmp_path, capsys, content, message):
+    import re
+
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content)
+    assert main(["config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}") and re.search(message, err), err
+
+
+@pytest.mark.parametrize("where", ["preset", "data config"])
+def test_duplicate_key_in_a_preset_or_data_config_names_that_file(cfg, tmp_path, where):
+    """Every YAML file a run reads is strict, not only the run file: the error names the file and the line."""
+    if where == "preset":
+        bad = write(tmp_path / "configs/model/twice.yaml", "d_model: 64\nnum_layers: 2\nd_model: 128\n")
+        run_file = write(tmp_path / "configs/r.yaml", "model: twice\n")
+    else:
+        bad = write(tmp_path / "configs/data/twice.yaml", "seq_length: 32\ntask_type: sft\nseq_length: 64\n")
+        run_file = write(tmp_path / "configs/r.yaml", "model: mini\ndata:\n  config_path: twice\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(run_file)
+    assert str(caught.value).startswith(f"{bad}:3: key ") and "given twice" in str(caught.value)
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    """The strict loader compares a mapping's own keys only: a key that `<<: *base` brought in may be given again."""
+    path = write(tmp_path / "run.yaml", "a: &b {p: 1, q: 2}\nb:\n  <<: *b\n  p: 3\n")
+    assert read_yaml(path) == {"a": {"p": 1, "q": 2}, "b": {"p": 3, "q": 2}}
+
+
 def test_bad_input_real_process_exit_code(tmp_path):
     path = write(tmp_path / "run.yaml", "trainer:\n  micro_batch_size: four\n")
     proc = subprocess.run([sys.executable, "-m", "ironcore.cli", "config", str(path)], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- derived values: computed once, by resolution
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_an_entry_level_task_type_is_the_runs_task(task, tmp_path):
+    entries = f'data.train_datasets=[{{dataset_path: "builtin:{task}", task_type: {task}}}]'
+    run = load_config(None, [entries, f"data.eval_datasets=[{{dataset_path: 'builtin:{task}'}}]"])
+    assert run.data.task_type == task
+
+
+def test_entries_of_several_tasks_are_refused_naming_them():
+    entries = 'data.train_datasets=[{dataset_path: "builtin:sft", task_type: sft}, {dataset_path: a.jsonl, task_type: dpo}]'
+    with pytest.raises(ConfigError, match=r"data.train_datasets\[0\].task_type=sft, data.train_datasets\[1\].task_type=dpo"):
+        load_config(None, [entries])
+    with pytest.raises(ConfigError, match=r"data.task_type=pretrain, data.train_datasets\[0\].task_type=sft"):
+        load_config(None, ["data.task_type=pretrain", 'data.train_datasets=[{dataset_path: "builtin:sft", task_type: sft}]'])
+
+
+def test_config_json_shows_every_derived_value(cfg, capsys):
+    """One place computes them; `ironcore config` shows them next to the fields they come from."""
+    printed = cli_output(capsys, str(cfg), "--format", "json", "--world-size", "2", "data.vocab_size=1000",
+                         "trainer.vocab_padding_unit=128", "model.max_seq_len=256", 'data.train_datasets=[{dataset_path: '
+                         '"builtin:dpo", task_type: dpo}]', "data.vocab_name_or_path=builtin")
+    assert printed["data"]["task_type"] == "dpo" and printed["data"]["seq_length"] == 256
+    assert printed["trainer"]["eval_batch_size"] == printed["trainer"]["micro_batch_size"] == 4
+    assert printed["parallel"]["world_size"] == 2 and printed["model"]["vocab_name_or_path"] == "builtin"
+    assert printed["derived"] == {"data_parallel_size": 2, "padded_vocab_size": 1024, "tokens_per_step": 8 * 256,
+                                  "tokenizer_field": "data.vocab_name_or_path"}
+
+
+def test_resolving_a_saved_config_gives_the_same_derived_values(cfg):
+    from ironcore.config import config_from_dict
+
+    run = load_config(cfg, ["data.vocab_name_or_path=builtin"])
+    again = config_from_dict(config_to_dict(run))
+    assert again.derived == run.derived and again.derived.tokenizer_field == "data.vocab_name_or_path"
+
+
+def test_derived_values_cannot_be_set():
+    with pytest.raises(ConfigError, match="unknown group 'derived'"):
+        load_config(None, ["derived.padded_vocab_size=64"])
+
+
+def test_a_pad_id_outside_the_vocabulary_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"data.pad_token_id: 2048 is outside the vocabulary \(data.vocab_size 2048\)"):
+        load_config(None, ["data.vocab_size=2048", "data.pad_token_id=2048"])

@@ -40,7 +40,7 @@ def test_offline_quickstart_presets(tmp_path, shared_cache, task):
     tokenizer = load_tokenizer(run)
     prepared = prepare_data(run, tokenizer)
     assert len(prepared.train) > 500 and len(prepared.eval) > 10
-    batch = next(iter(build_train_loader(prepared.train, run, rank=0, world_size=1, tokenizer=tokenizer)))
+    batch = next(iter(build_train_loader(prepared.train, run, rank=0, tokenizer=tokenizer)))
     assert batch["sample_ids"].shape == (4,)
     row = prepared.train[0]
     if task == "pretrain":

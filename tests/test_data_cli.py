@@ -1,9 +1,14 @@
-"""`ironcore preprocess CONFIG --inspect --preview N` through the real CLI entry point."""
+"""`ironcore preprocess CONFIG --inspect --preview N` through the real CLI entry point; every bad input is one line."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -14,8 +19,10 @@ from helpers_data import (  # noqa: F401
     default_tok_fixture,
     own_tok_dir_fixture,
     own_tok_fixture,
+    trained_runs,
     write_jsonl,
 )
+from transformers import AutoTokenizer
 
 from ironcore.cli import main
 from ironcore.data.sft import IGNORE_INDEX
@@ -93,6 +100,9 @@ def test_inspect_numbers_match_the_preprocessed_data(tmp_path, default_tok_dir, 
 
 PAIR = {"prompt": "p?", "chosen": "good", "rejected": "bad"}
 BAD_ROLE = {"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}
+CHAT = [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": "hello."}]
+NULL_REPLY = {"role": "assistant", "content": None}
+EMPTY_ANSWER = {"messages": CHAT + [{"role": "user", "content": "and?"}, {"role": "assistant", "content": ""}]}
 
 # id, task, the dataset file's rows (or raw text; None: no file), fields of its entry, CLI overrides, and the
 # error after "error: " ({file}: the data file, {tmp}: the test's directory; both regex-escaped).
@@ -103,7 +113,7 @@ BAD_INPUTS = [
      r"data\.train_datasets\[0\] 'd': column 'text' holds int64, expected a string \(pretrain text\)"),
     ("empty_file", "pretrain", "", {}, [], r"data\.train_datasets\[0\] 'd': {file} is empty"),
     ("empty_after_filtering_sft", "sft", [BAD_ROLE] * 3, {}, [],
-     r"data\.train_datasets\[0\] 'd': no rows left after filtering \(bad_role: 3\)"),
+     r"data\.train_datasets\[0\] 'd': no rows of {file} left after filtering \(bad_role: 3\)"),
     ("empty_after_filtering_pretrain", "pretrain", [{"text": "hi"}], {}, ["data.splits=[1.0,0.0,0.0]"],
      r"data\.train_datasets\[0\] 'd': no rows left after filtering: the documents hold fewer tokens than one block of 64"),
     ("malformed_jsonl_line", "pretrain", '{"text": "a"}\n{"text": "b"}\n{"text": "c"\n{"text": "d"}\n', {}, [],
@@ -126,6 +136,13 @@ BAD_INPUTS = [
      r"data\.train_datasets: every ratio is 0; give at least one dataset a ratio > 0"),
     ("nonexistent_split", "sft", chat_rows(4), {"split": "validation"}, [],
      r"data\.train_datasets\[0\] 'd': split 'validation' does not exist in {file}; available splits: train"),
+    ("sft_every_answer_empty", "sft", [EMPTY_ANSWER, {**EMPTY_ANSWER, "messages": CHAT[:1] + [NULL_REPLY]}] * 2, {}, [],
+     r"data\.train_datasets\[0\] 'd': no rows of {file} left after filtering \(empty_answer: 4\)"),
+    ("dpo_every_pair_identical", "dpo", [{"prompt": "p?", "chosen": "same", "rejected": "same"}] * 3, {}, [],
+     r"data\.train_datasets\[0\] 'd': no rows of {file} left after filtering \(identical_pair: 3\)"),
+    ("vocabulary_larger_than_the_model", "sft", chat_rows(4), {}, ["data.vocab_size=700"],
+     (r"data\.vocab_size 700 is smaller than the tokenizer's vocabulary \(768 tokens of '.*', model\.vocab_name_or_path\); "
+      r"set data\.vocab_size >= 768 or choose a smaller tokenizer")),
 ]
 
 
@@ -142,11 +159,159 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_cache_entry(tmp_path, defaul
     config = write_config(tmp_path, default_tok_dir, None, task_type=task, train_datasets=[entry])
     tmp = str(tmp_path)
     assert main(["preprocess", config, *(o.replace("{tmp}", tmp) for o in overrides)]) == 2
-    captured = capsys.readouterr()
-    assert captured.err.endswith("\n") and captured.err.count("\n") == 1, captured.err
-    pattern = error.replace("{file}", re.escape(str(data_file))).replace("{tmp}", re.escape(tmp))
-    assert re.fullmatch("error: " + pattern, captured.err.rstrip("\n")), captured.err
-    assert [r.getMessage() for r in caplog.records if r.name.startswith("ironcore") and r.levelno >= logging.WARNING] == []
+    assert_one_error_line(capsys.readouterr().err, error.replace("{file}", re.escape(str(data_file))), tmp_path, caplog)
+
+
+def assert_one_error_line(err: str, pattern: str, tmp_path, caplog=None) -> None:
+    """stderr is exactly `error: <pattern>` ({tmp}: the test's directory), no IronCore warning was logged besides it,
+    and the preprocessing cache holds nothing but lock files."""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert re.fullmatch("error: " + pattern.replace("{tmp}", re.escape(str(tmp_path))), err.rstrip("\n")), err
+    if caplog is not None:
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("ironcore") and r.levelno >= logging.WARNING] == []
     root = tmp_path / "cache" / "preprocessed"
     left = sorted(p.name for p in root.iterdir()) if root.exists() else []
     assert all(name.startswith(".") and name.endswith(".lock") for name in left), left
+
+
+JSONL = "".join(json.dumps({"text": f"row {i} says hello"}) + "\n" for i in range(20))
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def write_parquet(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict({"text": [f"row {i} says hello " * 20 for i in range(40)]}).to_parquet(str(path))
+    return path
+
+
+def cut(path: Path) -> Path:
+    """Keep the first half of the file, as an interrupted download or copy does."""
+    return write_bytes(path, path.read_bytes()[: path.stat().st_size // 2])
+
+
+def saved(path: Path) -> Path:
+    datasets.Dataset.from_dict({"text": [f"row {i} says hello" for i in range(20)]}).save_to_disk(str(path))
+    return path
+
+
+def glob_with_one_cut_parquet(tmp: Path) -> tuple[str, Path]:
+    for k in range(3):
+        write_parquet(tmp / "parts" / f"p{k}.parquet")
+    return str(tmp / "parts" / "*.parquet"), cut(tmp / "parts" / "p1.parquet")
+
+
+def saved_with_cut_shard(tmp: Path) -> tuple[Path, Path]:
+    folder = saved(tmp / "saved")
+    return folder, cut(next(folder.glob("*.arrow")))
+
+
+def saved_without_state(tmp: Path) -> Path:
+    folder = saved(tmp / "saved")
+    (folder / "state.json").unlink()
+    return folder
+
+
+def cut_arrow_file(tmp: Path) -> Path:
+    shard = next(saved(tmp / "saved").glob("*.arrow"))
+    return cut(write_bytes(tmp / "d.arrow", shard.read_bytes()))
+
+
+NOT_PARQUET = r"{file} cannot be read as parquet \(Parquet magic bytes not found in footer\. .*\)"
+# id, a maker of the entry's dataset_path in the test's directory (or of (dataset_path, the file the error names)),
+# and the error after "error: data.train_datasets[0] 'd': " ({file}: the named file, regex-escaped).
+UNREADABLE = [
+    ("jsonl_gz_not_gzip", lambda tmp: write_bytes(tmp / "d.jsonl.gz", JSONL.encode()),
+     r"{file} cannot be read as gzip-compressed json \(Not a gzipped file \(b'\{\"'\)\)"),
+    ("jsonl_gz_truncated", lambda tmp: write_bytes(tmp / "d.jsonl.gz", gzip.compress(JSONL.encode())[:-12]),
+     r"{file} cannot be read as gzip-compressed json \(Compressed file ended before the end-of-stream marker was reached\)"),
+    ("parquet_truncated", lambda tmp: cut(write_parquet(tmp / "d.parquet")), NOT_PARQUET),
+    ("text_named_parquet", lambda tmp: write_bytes(tmp / "d.parquet", JSONL.encode()), NOT_PARQUET),
+    ("one_truncated_parquet_of_a_glob", glob_with_one_cut_parquet, NOT_PARQUET),
+    ("arrow_garbage", lambda tmp: write_bytes(tmp / "d.arrow", bytes(range(256)) * 4),
+     r"{file} cannot be read as arrow \(Not an Arrow file\)"),
+    ("arrow_truncated", cut_arrow_file, r"{file} cannot be read as arrow \(.+\)"),
+    ("jsonl_whitespace_only", lambda tmp: write_bytes(tmp / "d.jsonl", b" \n\n\t \n"), r"{file} holds no rows"),
+    ("jsonl_not_utf8", lambda tmp: write_bytes(tmp / "d.jsonl", JSONL.encode() + '{"text": "café"}\n'.encode("latin-1")),
+     r"{file} line 21 is not UTF-8 text \(byte 0xe9 at column 14\)"),
+    ("save_to_disk_without_state", saved_without_state,
+     r"{file} is an incomplete save_to_disk folder: it holds dataset_info\.json but no state\.json "
+     r"\(write it again with Dataset\.save_to_disk\)"),
+    ("save_to_disk_truncated_shard", saved_with_cut_shard, r"{file} cannot be read as arrow \(.+\)"),
+]
+
+
+def unreadable_config(tmp_path, tok_dir, make) -> tuple[str, Path]:
+    made = make(tmp_path)
+    path, named = made if isinstance(made, tuple) else (made, made)
+    entry = {"name": "d", "dataset_path": str(path)}
+    return write_config(tmp_path, tok_dir, None, task_type="pretrain", train_datasets=[entry]), named
+
+
+@pytest.mark.parametrize("make,error", [pytest.param(*case[1:], id=case[0]) for case in UNREADABLE])
+def test_unreadable_data_file_is_one_line_naming_it(tmp_path, default_tok_dir, capsys, caplog, make, error):
+    """A corrupt, truncated, misnamed, blank, non-UTF-8 or incomplete data file: one line naming that file."""
+    config, named = unreadable_config(tmp_path, default_tok_dir, make)
+    assert main(["preprocess", config]) == 2
+    pattern = r"data\.train_datasets\[0\] 'd': " + error.replace("{file}", re.escape(str(named)))
+    assert_one_error_line(capsys.readouterr().err, pattern, tmp_path, caplog)
+
+
+def test_unreadable_file_is_one_line_on_the_real_stderr(tmp_path, default_tok_dir):
+    """datasets logs its own line about a bad parquet file before raising; run as a user runs it, stderr still holds
+    IronCore's one line only."""
+    config, named = unreadable_config(tmp_path, default_tok_dir, lambda tmp: cut(write_parquet(tmp / "d.parquet")))
+    proc = subprocess.run([sys.executable, "-m", "ironcore.cli", "preprocess", config], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    pattern = r"data\.train_datasets\[0\] 'd': " + NOT_PARQUET.replace("{file}", re.escape(str(named)))
+    assert_one_error_line(proc.stderr, pattern, tmp_path)
+
+
+@pytest.mark.parametrize("role,entry,error", [
+    ("eval", {"name": "dev", "dataset_path": "{tmp}/nope.jsonl"},
+     r"data\.eval_datasets\[0\] 'dev': dataset file or folder {tmp}/nope\.jsonl does not exist"),
+    ("test", {"name": "exam", "dataset_path": "{tmp}/held/*.jsonl"},
+     r"data\.test_datasets\[0\] 'exam': no files match {tmp}/held/\*\.jsonl"),
+    ("test", {"name": "exam", "dataset_path": "{tmp}/exam.docx"},
+     r"data\.test_datasets\[0\] 'exam': {tmp}/exam\.docx is not a supported data file \(use .*\)"),
+], ids=["eval_file_missing", "test_glob_matches_nothing", "test_file_unsupported"])
+def test_a_bad_held_out_entry_is_found_before_anything_is_tokenized(tmp_path, default_tok_dir, capsys, caplog, role,
+                                                                     entry, error):
+    """Every entry's files are checked first: the training entry is not tokenized (nor cached) for nothing."""
+    (tmp_path / "exam.docx").write_bytes(b"PK\x03\x04")
+    entry = {k: v.replace("{tmp}", str(tmp_path)) for k, v in entry.items()}
+    config = write_config(tmp_path, default_tok_dir, write_jsonl(tmp_path / "c.jsonl", chat_rows(8)),
+                          **{f"{role}_datasets": [entry]})
+    assert main(["preprocess", config]) == 2
+    assert_one_error_line(capsys.readouterr().err, error, tmp_path, caplog)
+
+
+def test_empty_answers_and_identical_pairs_are_skipped_counted_and_shown(tmp_path, default_tok_dir, capsys, caplog):
+    """Never trained (as a bare end-of-turn token, or as a pair with nothing to prefer); logged and shown by --inspect."""
+    reply = {"role": "assistant", "content": " \n"}
+    chats = chat_rows(6) + [EMPTY_ANSWER, {"messages": CHAT[:1] + [NULL_REPLY]}, {"messages": CHAT[:1] + [reply]}]
+    config = write_config(tmp_path, default_tok_dir, write_jsonl(tmp_path / "c.jsonl", chats), splits=[1.0, 0.0, 0.0])
+    assert main(["preprocess", config, "--inspect"]) == 0
+    out = capsys.readouterr().out
+    assert "chat: 9 input rows; ok 6, empty_answer 3" in out
+    assert next(line.split() for line in out.splitlines() if line.startswith("chat "))[2:4] == ["6", "3"]
+    assert "skipped 3 rows (empty_answer)" in caplog.text
+    (entry,) = (tmp_path / "cache" / "preprocessed").glob("chat-*")
+    tokenizer = AutoTokenizer.from_pretrained(str(default_tok_dir))
+    trained = [tokenizer.decode(run) for row in datasets.load_from_disk(str(entry / "train"))
+               for run in trained_runs(row["input_ids"], row["labels"])]
+    assert sorted(trained) == sorted(f"answer {i} is {i * 7}.{tokenizer.eos_token}" for i in range(6))
+
+    pairs = [{"prompt": f"p{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
+    pairs += [{"prompt": "p?", "chosen": "same", "rejected": "same"}] * 2
+    config = write_config(tmp_path, default_tok_dir, write_jsonl(tmp_path / "pairs.jsonl", pairs), task_type="dpo",
+                          splits=[1.0, 0.0, 0.0], train_datasets=[{"name": "prefs", "dataset_path": str(tmp_path / "pairs.jsonl")}])
+    assert main(["preprocess", config, "--inspect"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dpo: 4 train rows") and "prefs: 6 input rows; ok 4, identical_pair 2" in out
+    assert "skipped 2 rows (identical_pair)" in caplog.text

@@ -48,7 +48,7 @@ def test_labels_only_on_final_answer_and_pairs_share_a_batch(tmp_path, default_t
             assert tokenizer.decode(ids).startswith(f"<|im_start|>user\np{k}?")
         prompt_len = next(k for k, label in enumerate(row["chosen_labels"]) if label != -100)
         assert row["chosen_input_ids"][:prompt_len] == row["rejected_input_ids"][:prompt_len]
-    batch = next(iter(build_train_loader(prepared.train, run, rank=0, world_size=1, tokenizer=tokenizer)))
+    batch = next(iter(build_train_loader(prepared.train, run, rank=0, tokenizer=tokenizer)))
     width = batch["chosen_input_ids"].shape[1]
     for key in ("input_ids", "labels", "attention_mask", "position_ids"):
         assert batch[f"chosen_{key}"].shape == batch[f"rejected_{key}"].shape == (4, width)
@@ -82,3 +82,29 @@ def test_pairs_with_different_prompts_are_skipped_and_counted(tmp_path, default_
     prepared = prepare_data(run, load_tokenizer(run))
     assert len(prepared.train) == 3
     assert prepared.stats["datasets"]["d"]["status"] == {"ok": 3, "bad_pair": 1}
+
+
+def test_pairs_with_the_same_tokens_on_both_sides_are_skipped_and_counted(tmp_path, default_tok_dir):
+    """Chosen equal to rejected (either row shape), or equal once truncated to seq_length: no preference to learn."""
+    rows = conversation_rows(4)
+    rows[2]["rejected"] = rows[2]["chosen"]
+    long = {"prompt": "p?", "chosen": "same " * 80 + "yes", "rejected": "same " * 80 + "no"}
+    explicit = explicit_rows(3) + [{"prompt": "p?", "chosen": "tie", "rejected": "tie"}, long]
+    run = make_run(tmp_path, "dpo", [spec(write_jsonl(tmp_path / "c.jsonl", rows)),
+                                     spec(write_jsonl(tmp_path / "e.jsonl", explicit))], default_tok_dir)
+    prepared = prepare_data(run, load_tokenizer(run))
+    assert prepared.stats["datasets"]["c"]["status"] == {"ok": 3, "identical_pair": 1}
+    assert prepared.stats["datasets"]["e"]["status"] == {"ok": 3, "identical_pair": 2}
+    assert all(row["chosen_input_ids"] != row["rejected_input_ids"] for row in prepared.train)
+    dropped = make_run(tmp_path, "dpo", [spec(tmp_path / "e.jsonl")], default_tok_dir, truncation="drop")
+    status = prepare_data(dropped, load_tokenizer(dropped)).stats["datasets"]["e"]["status"]
+    assert status == {"ok": 3, "too_long": 1, "identical_pair": 1}
+
+
+def test_conversation_whose_last_answer_is_empty_is_an_error_naming_the_row(tmp_path, default_tok_dir):
+    rows = conversation_rows(3)
+    rows[1]["chosen"][-1] = {"role": "assistant", "content": None}
+    run = make_run(tmp_path, "dpo", [spec(write_jsonl(tmp_path / "d.jsonl", rows))], default_tok_dir)
+    with pytest.raises(DataError, match=r"data.train_datasets\[0\] 'd' row 1: no chosen answer \(its last message is empty"):
+        prepare_data(run, load_tokenizer(run))
+    assert not any(p.name.startswith("d-") for p in (tmp_path / "cache" / "preprocessed").iterdir())

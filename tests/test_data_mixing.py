@@ -35,7 +35,7 @@ def test_drawn_proportions_match_ratios(tmp_path, default_tok_dir, default_tok):
     train = mix(parts, list(RATIOS), ["a", "b", "c"], seed=7)
     run = make_run(tmp_path, "pretrain", [], default_tok_dir, seq_length=4, micro_batch_size=10)
     counts, drawn = Counter(), 0
-    for batch in build_train_loader(train, run, rank=0, world_size=1, tokenizer=default_tok):
+    for batch in build_train_loader(train, run, rank=0, tokenizer=default_tok):
         counts.update(batch["input_ids"][:, 0].tolist())
         drawn += len(batch["sample_ids"])
         if drawn >= 10_000:

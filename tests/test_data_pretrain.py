@@ -31,7 +31,7 @@ def test_blocks_are_seq_length_and_documents_end_with_eos(tmp_path, default_tok_
     assert len(got) == len(expected) // 48 * 48
     assert got == expected[: len(got)]
     assert "labels" not in prepared.train.column_names
-    batch = next(iter(build_train_loader(prepared.train, run, rank=0, world_size=1, tokenizer=tokenizer)))
+    batch = next(iter(build_train_loader(prepared.train, run, rank=0, tokenizer=tokenizer)))
     assert batch["input_ids"].shape == (4, 48)
     assert (batch["labels"] == batch["input_ids"]).all() and batch["attention_mask"].all()
     assert batch["position_ids"][0].tolist() == list(range(48))
@@ -43,7 +43,7 @@ def test_reset_position_ids_restart_after_each_eos(tmp_path, default_tok_dir):
                    reset_position_ids=True)
     tokenizer = load_tokenizer(run)
     prepared = prepare_data(run, tokenizer)
-    batch = next(iter(build_train_loader(prepared.train, run, rank=0, world_size=1, tokenizer=tokenizer)))
+    batch = next(iter(build_train_loader(prepared.train, run, rank=0, tokenizer=tokenizer)))
     eos = tokenizer.eos_token_id
     for ids, positions in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist(), strict=True):
         expected, p = [], 0

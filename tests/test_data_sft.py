@@ -130,10 +130,26 @@ def test_unknown_role_and_missing_assistant_are_skipped_and_counted(tmp_path, de
     assert "skipped 1 rows (bad_role), 2 rows (no_assistant)" in caplog.text
 
 
+def test_empty_answers_are_skipped_and_counted_in_both_row_shapes(tmp_path, own_tok_dir):
+    """Null, empty or blank assistant content (messages, or a prompt/response pair): skipped, counted, never trained
+    as a bare end-of-turn token; here through a tokenizer's own template (the span path)."""
+    user = {"role": "user", "content": "q?"}
+    chats = chat_rows(3) + [{"messages": [user, {"role": "assistant", "content": content}]} for content in (None, "", "\t")]
+    pairs = [{"prompt": "q?", "response": response} for response in ("r1", "r2", None, "", "  ")]
+    run = make_run(tmp_path, "sft", [spec(write_jsonl(tmp_path / "c.jsonl", chats)),
+                                     spec(write_jsonl(tmp_path / "p.jsonl", pairs))], own_tok_dir)
+    tokenizer = load_tokenizer(run)
+    prepared = prepare_data(run, tokenizer)
+    assert prepared.stats["datasets"]["c"]["status"] == {"ok": 3, "empty_answer": 3}
+    assert prepared.stats["datasets"]["p"]["status"] == {"ok": 2, "empty_answer": 3}
+    answers = {tokenizer.decode(r) for row in prepared.train for r in trained_runs(row["input_ids"], row["labels"])}
+    assert answers == {f"answer {i} is {i * 7}.<|end|>" for i in range(3)} | {"r1<|end|>", "r2<|end|>"}
+
+
 def test_every_row_skipped_is_an_error(tmp_path, default_tok_dir):
     rows = [{"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}] * 3
     run = make_run(tmp_path, "sft", [spec(write_jsonl(tmp_path / "c.jsonl", rows))], default_tok_dir)
-    with pytest.raises(DataError, match=r"'c': no rows left after filtering \(bad_role: 3\)"):
+    with pytest.raises(DataError, match=r"'c': no rows of .*c\.jsonl left after filtering \(bad_role: 3\)"):
         prepare_data(run, load_tokenizer(run))
     assert not any(p.name.startswith("c-") for p in (tmp_path / "cache" / "preprocessed").iterdir())
 
@@ -158,7 +174,7 @@ def test_packed_rows_restart_positions_per_sample(tmp_path, default_tok_dir):
     assert samples == 30
     assert sorted(answers) == sorted(r["messages"][1]["content"] + tokenizer.eos_token for r in rows)
     assert prepared.stats["datasets"]["c"]["splits"]["train"]["samples"] == 30
-    batch = next(iter(build_train_loader(prepared.train, run, rank=0, world_size=1, tokenizer=tokenizer)))
+    batch = next(iter(build_train_loader(prepared.train, run, rank=0, tokenizer=tokenizer)))
     for b in range(batch["input_ids"].shape[0]):
         n = int(batch["attention_mask"][b].sum())
         assert batch["position_ids"][b, :n].tolist() == prepared.train[int(batch["sample_ids"][b])]["position_ids"]
@@ -178,7 +194,7 @@ def test_packed_logits_equal_unpacked_logits(tmp_path, default_tok_dir):
                         precision="float32", dropout_embd=0.0, dropout_attn=0.0, dropout_mlp=0.0)
     run = replace(packed_run, model=model_cfg)
     model = models.build_model(run).eval()
-    batch = next(iter(build_eval_loader(packed, run, rank=0, world_size=1, max_samples=2, tokenizer=tokenizer)))
+    batch = next(iter(build_eval_loader(packed, run, rank=0, max_samples=2, tokenizer=tokenizer)))
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"]).logits
@@ -202,7 +218,7 @@ def test_padding_with_eos_keeps_trained_eos(tmp_path, default_tok_dir):
     run = make_run(tmp_path, "sft", [spec(write_jsonl(tmp_path / "c.jsonl", rows))], default_tok_dir, pad_to_max_length=True)
     tokenizer = load_tokenizer(run)
     prepared = prepare_data(run, tokenizer)
-    batch = next(iter(build_eval_loader(prepared.train, run, rank=0, world_size=1, max_samples=None, tokenizer=tokenizer)))
+    batch = next(iter(build_eval_loader(prepared.train, run, rank=0, max_samples=None, tokenizer=tokenizer)))
     eos = tokenizer.eos_token_id
     assert batch["input_ids"].shape == (4, 64)
     for b in range(4):
@@ -227,7 +243,7 @@ def test_explicit_pad_token_id_pads_with_it_and_keeps_trained_eos(tmp_path, defa
                    pad_to_max_length=pad_to_max_length, pad_token_id=pad_id)
     tokenizer = load_tokenizer(run)
     prepared = prepare_data(run, tokenizer)
-    batch = next(iter(build_eval_loader(prepared.train, run, rank=0, world_size=1, max_samples=None, tokenizer=tokenizer)))
+    batch = next(iter(build_eval_loader(prepared.train, run, rank=0, max_samples=None, tokenizer=tokenizer)))
     lengths = [len(ids) for ids in prepared.train["input_ids"]]
     width = 64 if pad_to_max_length else max(lengths)
     assert batch["input_ids"].shape == (4, width) and min(lengths) < width

@@ -176,5 +176,5 @@ def test_missing_paths_and_config_mistakes(tmp_path, default_tok_dir):
         bad(tmp_path, default_tok_dir, "pretrain", [spec(path, ratio=0.0)])
     with pytest.raises(ConfigError, match=r"'builtin:chat' is not one of builtin, builtin:pretrain"):
         bad(tmp_path, default_tok_dir, "pretrain", [spec("builtin:chat")])
-    with pytest.raises(ConfigError, match=r"dataset entries of several tasks \(pretrain, sft\)"):
+    with pytest.raises(ConfigError, match=r"several tasks \(data.task_type=pretrain, data.train_datasets\[0\].task_type=sft\)"):
         bad(tmp_path, default_tok_dir, "pretrain", [spec(path, task_type="sft")])

@@ -23,6 +23,7 @@ from helpers_data import (  # noqa: F401
 from transformers import AutoTokenizer
 
 from ironcore.cli import main
+from ironcore.config.resolve import resolve
 from ironcore.data import load_tokenizer, prepare_data
 from ironcore.data import tokenizer as tokenizer_module
 from ironcore.data.tokenizer import BUILTIN_VOCAB_SIZE, DEFAULT_CHAT_TEMPLATE, tokenizer_fingerprint
@@ -79,7 +80,9 @@ def test_builtin_tokenizer_is_trained_once_and_cached(tmp_path, monkeypatch):
 
 
 def with_type(run, model_type: str, data_type: str | None = None):
-    return replace(run, model=replace(run.model, tokenizer_type=model_type), data=replace(run.data, tokenizer_type=data_type))
+    """`run` re-resolved with these tokenizer types (a data config's wins, as resolution decides)."""
+    return resolve(replace(run, model=replace(run.model, tokenizer_type=model_type),
+                           data=replace(run.data, tokenizer_type=data_type)))
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "auto"])
@@ -120,7 +123,8 @@ def test_builtin_tokenizer_type_ignores_the_path_and_a_data_config_type_wins(tmp
 
 
 def test_model_vocabulary_smaller_than_tokenizer_is_a_config_error(tmp_path, default_tok_dir):
-    with pytest.raises(ConfigError, match=r"data.vocab_size 700 is smaller than the tokenizer's vocabulary \(768 tokens"):
+    with pytest.raises(ConfigError, match=r"data.vocab_size 700 is smaller than the tokenizer's vocabulary \(768 tokens "
+                                          r"of '.*', model.vocab_name_or_path\); set data.vocab_size >= 768"):
         load_tokenizer(make_run(tmp_path, "pretrain", [], default_tok_dir, vocab_size=700))
 
 
@@ -134,7 +138,7 @@ def test_tokenizer_loading_errors(tmp_path, default_tok_dir):
         load_tokenizer(make_run(tmp_path, "pretrain", [], tmp_path / "empty_dir"))
     run = make_run(tmp_path, "pretrain", [], default_tok_dir)
     with pytest.raises(ConfigError, match=r"model.tokenizer_type 'sentencepiece' is not one of gpt2, llama, auto, builtin"):
-        load_tokenizer(replace(run, model=replace(run.model, tokenizer_type="sentencepiece")))
+        load_tokenizer(with_type(run, "sentencepiece"))
 
 
 def test_fingerprint_follows_the_chat_template(tmp_path, default_tok_dir):

@@ -1,7 +1,7 @@
-"""Two CPU processes end to end (issue #6): DDP parity with one process, FSDP2 (full and sharded checkpoints) and
-DeepSpeed ZeRO-2/3 train-save-resume-export, ZeRO-1 and the offload presets train and export, DPO under DDP / FSDP /
-ZeRO-3 against one process, a rank that dies or stalls, and the clear refusals (sharded resume with another world
-size, tensor parallelism).
+"""Two CPU processes end to end (issue #6): DDP parity with one process, DDP resume with dropout (issue 11), FSDP2
+(full and sharded checkpoints) and DeepSpeed ZeRO-2/3 train-save-resume-export, ZeRO-1 and the offload presets
+train and export, DPO under DDP / FSDP / ZeRO-3 against one process, a rank that dies or stalls, and the clear
+refusals (sharded resume with another world size, tensor parallelism).
 
 Every run is a real `ironcore train` subprocess on the tiny fp32 model, launched with torchrun or
 `accelerate launch --multi_gpu --num_processes 2` (helpers_dist); each is launched once and read by several tests.
@@ -19,8 +19,8 @@ import datasets
 import pytest
 import torch
 from helpers_dist import (
-    EVAL, PRETRAIN, STEPS, TINY, assert_continued, baseline_run, checkpoints, child_env, copy_stopped_at, eval_losses,
-    latest, losses, read_jsonl, run, samples,
+    DROPOUT, EVAL, PRETRAIN, STEPS, TINY, assert_bitwise_equal, assert_continued, baseline_run, checkpoints, child_env,
+    copy_stopped_at, eval_losses, interrupted_run, latest, losses, read_jsonl, run, samples,
 )
 from safetensors.torch import load_file
 
@@ -122,16 +122,40 @@ def test_ddp_export_is_the_trained_weights(ddp, baseline):
 
 
 
-def test_two_ranks_resume_from_the_checkpoint_the_main_process_found(ddp, tmp_path):
+# ---------------------------------------------------------------- DDP resume with dropout (the spec's default)
+
+# Each rank draws its own dropout masks, so these runs are compared with themselves, not with one process.
+DDP_DROPOUT = [*DDP, *DROPOUT]
+
+
+@pytest.fixture(scope="module")
+def ddp_dropout(tmp_path_factory) -> tuple[Path, Path, list[dict]]:
+    """DDP with dropout: uninterrupted (accelerate launch), and stopped every way a run stops (torchrun:
+    exit_interval, SIGKILL of every rank inside a save and inside a step; helpers_dist.interrupted_run)."""
+    base = tmp_path_factory.mktemp("ddp-dropout")
+    reference, interrupted = base / "reference", base / "interrupted"
+    run(reference, DDP_DROPOUT, nproc=2, launcher="accelerate", fresh=True)
+    return reference, interrupted, interrupted_run(interrupted, DDP_DROPOUT, nproc=2)
+
+
+def test_two_ranks_with_dropout_resume_bitwise_however_they_stopped(ddp_dropout):
+    reference, interrupted, launches = ddp_dropout
+    assert [launch["steps"] for launch in launches] == [[1, 2, 3], [4], [4], [5, 6]]
+    assert launches[1]["latest"] == "step_3" and launches[1]["tmp"] == [".tmp-step_4"]
+    assert_bitwise_equal(interrupted, reference)
+
+
+def test_two_ranks_resume_from_the_checkpoint_the_main_process_found(ddp_dropout, tmp_path):
     """Only the main process searches (and checksums) the checkpoints; both ranks fall back to its pick."""
-    run_dir = shutil.copytree(ddp, tmp_path / "run")
+    reference = ddp_dropout[0]
+    run_dir = shutil.copytree(reference, tmp_path / "run")
     weights = run_dir / "checkpoints" / "step_6" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     before = len(read_jsonl(run_dir / "metrics.jsonl"))
-    result = run(run_dir, DDP, nproc=2, launcher="accelerate")
+    result = run(run_dir, DDP_DROPOUT, nproc=2, launcher="accelerate")
     assert result.output.count("names step_6, which is not usable") == 1, result.output[-3000:]
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")[before:] if "loss" in r] == [5, 6]
-    assert losses(run_dir) == losses(ddp)
+    assert_bitwise_equal(run_dir, reference)
 
 
 # ---------------------------------------------------------------- FSDP2 on 2 CPU processes (Accelerate's path, on gloo)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from helpers_model import GPT2_LIKE, LLAMA_LIKE, one_thread, tiny_config, tiny_run  # noqa: F401
+from helpers_train import cli_errors, example_overrides
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from ironcore.config import config_from_dict, load_config
@@ -364,3 +365,59 @@ def test_directories_that_are_not_models(tmp_path):
     (tmp_path / "config.json").write_text(IronCoreConfig().to_json_string())
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         load_pretrained(tmp_path)
+
+
+def broken_model_dir(path: Path, kind: str) -> Path:
+    """An IronCore model directory at `path` whose weights or config are broken as `kind` says; returns the file
+    the error must name."""
+    model = ironcore(**GPT2_LIKE)
+    if kind == "truncated bin":
+        model.config.save_pretrained(path)
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+        os.truncate(path / "pytorch_model.bin", (path / "pytorch_model.bin").stat().st_size // 2)
+        return path / "pytorch_model.bin"
+    model.save_pretrained(path, max_shard_size="40KB" if "shard" in kind or "index" in kind else "50GB")
+    index = path / "model.safetensors.index.json"
+    if kind == "missing shard":
+        shard = sorted(path.glob("model-*.safetensors"))[-1]
+        shard.unlink()
+        return index
+    if kind == "index not json":
+        index.write_text("{not json")
+        return index
+    if kind == "config not json":
+        (path / "config.json").write_text('{"model_type": "ironcore",')
+        return path / "config.json"
+    weights = path / "model.safetensors"
+    if kind == "truncated":
+        os.truncate(weights, weights.stat().st_size - 100)
+    else:
+        weights.write_bytes(weights.read_bytes()[:8] + os.urandom(200))
+    return weights
+
+
+BROKEN = ["truncated", "garbage header", "missing shard", "index not json", "config not json", "truncated bin"]
+
+
+@pytest.mark.parametrize("kind", BROKEN)
+def test_broken_pretrained_dir_is_one_error_naming_the_file(tmp_path, kind):
+    """load_pretrained (export, generate) and init.from_pretrained (training) read every header before any weight,
+    so a damaged file is a CheckpointError naming it, not a safetensors / torch / json traceback."""
+    blamed = broken_model_dir(tmp_path / "model", kind)
+    run = tiny_run(**GPT2_LIKE)
+    for load in (lambda: load_pretrained(tmp_path / "model"),
+                 lambda: build_model(replace(run, init=replace(run.init, from_pretrained=str(tmp_path / "model"))))):
+        with pytest.raises(CheckpointError) as caught:
+            load()
+        assert str(caught.value).startswith(str(blamed)) and "\n" not in str(caught.value), caught.value
+
+
+def test_training_from_a_corrupt_pretrained_dir_is_one_line(tmp_path, capsys):
+    """`ironcore train` with init.from_pretrained naming a truncated model.safetensors: exit 2, one line, no run."""
+    blamed = broken_model_dir(tmp_path / "pretrained", "truncated")
+    run_dir = tmp_path / "run"
+    args = ["train", str(REPO / "examples" / "pretrain.yaml"),
+            *example_overrides(run_dir, f"init.from_pretrained={tmp_path / 'pretrained'}")]
+    code, errors = cli_errors(args, capsys)
+    assert code == 2 and len(errors) == 1 and str(blamed) in errors[0], errors
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "export").exists()

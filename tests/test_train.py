@@ -17,6 +17,8 @@ import math
 import os
 import platform
 import re
+import subprocess
+import sys
 import weakref
 from contextlib import redirect_stderr
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from safetensors.torch import load_file
 from helpers_train import (
     REPO,
     TINY,
+    cli_errors,
     example_overrides,
     load_example,
     read_metrics,
@@ -821,13 +824,9 @@ def test_profiler_trace_covers_exactly_the_window(pretrain):
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    """`ironcore.cli.main(args)` in process; returns the exit code and the one `error:` line (asserted single)."""
-    reset_accelerate()
-    with restored_environ():
-        code = cli.main(args)
-    err = capsys.readouterr().err
-    errors = [line.strip() for line in re.split(r"[\r\n]", err) if line.strip().startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err
+    """`ironcore ARGS` in process; returns the exit code and the one `error:` line (asserted single)."""
+    code, errors = cli_errors(args, capsys)
+    assert len(errors) == 1, errors
     return code, errors[0]
 
 
@@ -908,3 +907,29 @@ def test_fresh_start_sets_the_previous_checkpoints_aside(tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_2"]
     (aside,) = run_dir.glob("checkpoints.old-*")
     assert sorted(p.name for p in aside.glob("step_*")) == ["step_2", "step_4"]
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_a_task_type_given_only_on_the_entry_trains_that_task(task, tmp_path):
+    """No data.task_type, one entry naming its task: the data, the collator and the loss all follow the entry
+    (the DPO case used to build pairs and then train the causal-LM task on them: KeyError 'labels')."""
+    run = load_example(task, tmp_path / "run", "data.config_path=null", "data.task_type=null",
+                       "data.vocab_name_or_path=builtin", "data.tokenizer_type=builtin", "data.vocab_size=2048",
+                       f'data.train_datasets=[{{dataset_path: "builtin:{task}", task_type: {task}, max_samples: 64}}]',
+                       "operation.train_steps=2", "trainer.do_eval=false", "trainer.save_checkpoint_steps=100",
+                       "optim.dpo_precompute_ref=false", "optim.warmup_steps=0")
+    assert run.data.task_type == task
+    train_in_process(run)
+    (last,) = [r for r in read_metrics(run.run_dir) if r.get("step") == 2 and "loss" in r]
+    assert math.isfinite(last["loss"])
+    assert ("train/reward_accuracy" in last) == (task == "dpo") and ("train/token_accuracy" in last) == (task == "sft")
+
+
+def test_under_dash_m_the_loop_module_is_imported_once(tmp_path):
+    """`python -m ironcore.train` runs train.py as `__main__`; nothing may import it again as `ironcore.train`
+    (that would run the module twice: two Loop classes, two NonFiniteLossErrors), and the loop is one module."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "ironcore.train", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "missing.yaml" in proc.stderr  # the CLI's one-line error, exit code 2
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert imported.count("ironcore.loop") == 1 and "ironcore.train" not in imported

@@ -20,6 +20,7 @@ from accelerate import DeepSpeedPlugin
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import InitProcessGroupKwargs
 
+from ironcore.config.resolve import resolve
 from ironcore.config.schema import (
     DataConfig,
     ModelConfig,
@@ -60,13 +61,13 @@ TINY = ModelConfig(
 )
 
 
-def make_run(**groups) -> RunConfig:
-    """A tiny run; keyword arguments replace whole groups or (as dicts) fields of a group."""
+def make_run(world_size: int = 1, **groups) -> RunConfig:
+    """A tiny run resolved for `world_size`; keyword arguments replace whole groups or (as dicts) fields of a group."""
     run = RunConfig(model=TINY, data=DataConfig(vocab_size=128), trainer=TrainerConfig(micro_batch_size=2))
     for name, value in groups.items():
         current = getattr(run, name)
         run = replace(run, **{name: replace(current, **value) if isinstance(value, dict) else value})
-    return run
+    return resolve(run, world_size)
 
 
 def _reset_accelerate() -> None:
@@ -112,21 +113,24 @@ def test_mixed_precision_follows_model_precision(precision, expected):
 
 
 def test_batch_plan_derives_the_missing_size():
-    env = CPU_LAUNCHED_2
-    plan = batch_plan(make_run(trainer={"micro_batch_size": 4, "train_batch_size": 480}), env)
+    plan = batch_plan(make_run(2, trainer={"micro_batch_size": 4, "train_batch_size": 480}))
     assert (plan.gradient_accumulation_steps, plan.data_parallel_size, plan.global_batch_size) == (60, 2, 480)
     assert plan.tokens_per_step == 480 * 32
-    plan = batch_plan(make_run(trainer={"micro_batch_size": 4, "gradient_accumulation_steps": 3}), env)
+    plan = batch_plan(make_run(2, trainer={"micro_batch_size": 4, "gradient_accumulation_steps": 3}))
     assert plan.global_batch_size == 24
-    assert batch_plan(make_run(), CPU).gradient_accumulation_steps == 1
+    assert batch_plan(make_run()).gradient_accumulation_steps == 1
 
 
 def test_batch_plan_rejects_inconsistent_sizes_showing_the_arithmetic():
-    bad = make_run(trainer={"micro_batch_size": 4, "train_batch_size": 480, "gradient_accumulation_steps": 60})
     with pytest.raises(ConfigError, match=r"trainer.train_batch_size: 480 != micro_batch_size 4 x gradient_accumulation_steps 60 x dp_size 1 .* = 240"):
-        batch_plan(bad, LaunchEnv())
+        make_run(trainer={"micro_batch_size": 4, "train_batch_size": 480, "gradient_accumulation_steps": 60})
     with pytest.raises(ConfigError, match=r"not a multiple of micro_batch_size 4 x dp_size 2 = 8"):
-        batch_plan(make_run(trainer={"micro_batch_size": 4, "train_batch_size": 12}), CPU_LAUNCHED_2)
+        make_run(2, trainer={"micro_batch_size": 4, "train_batch_size": 12})
+
+
+def test_a_run_resolved_for_another_world_size_is_refused_at_launch():
+    with pytest.raises(ConfigError, match=r"parallel.world_size: the config was resolved for 1 process\(es\) .* this launch has 2"):
+        check_supported(make_run(), CPU_LAUNCHED_2)
 
 
 # ---------------------------------------------------------------- process group and Accelerator arguments
@@ -268,6 +272,7 @@ def _values(config: dict) -> list:
 @pytest.mark.parametrize("preset", DS_PRESETS)
 def test_every_preset_becomes_a_plugin_with_our_values(preset, fresh_accelerate):
     run = make_run(
+        2,
         model={"precision": "bfloat16", "d_model": 64},
         trainer={"micro_batch_size": 3, "gradient_accumulation_steps": 5},
         optim={"clip_grad": 0.7},
@@ -375,7 +380,7 @@ def test_fsdp_hybrid_is_hsdp_across_nodes_and_full_on_one_node():
     assert any("hybrid on one node" in n for n in notes(run, GPU_NODE_8))
     uneven = LaunchEnv(world_size=12, local_world_size=8, launched=True, cuda_available=True, num_gpus=8)
     with pytest.raises(ConfigError, match="fsdp_sharding_strategy=hybrid needs equal processes per node"):
-        check_supported(run, uneven)
+        check_supported(make_run(12, parallel={"use_fsdp": True, "fsdp_sharding_strategy": "hybrid"}), uneven)
 
 
 # ---------------------------------------------------------------- errors: one line, naming the field
@@ -390,7 +395,7 @@ def _one_line_error(run, env, field):
 
 
 def test_fsdp_on_cpu_is_accelerates_fsdp_path_on_gloo():
-    run = make_run(parallel={"use_fsdp": True})
+    run = make_run(2, parallel={"use_fsdp": True})
     settings = accelerator_settings(run, CPU_LAUNCHED_2)
     assert settings["cpu"] is True and settings["distributed_type"] == "FSDP"
     assert settings["init_process_group"]["backend"] == "gloo"
@@ -401,7 +406,7 @@ def test_fsdp_on_cpu_is_accelerates_fsdp_path_on_gloo():
 
 
 def test_fsdp_offload_without_cuda_is_an_error():
-    run = make_run(parallel={"use_fsdp": True, "fsdp_offload_params": True})
+    run = make_run(2, parallel={"use_fsdp": True, "fsdp_offload_params": True})
     assert "no CUDA device" in _one_line_error(run, CPU_LAUNCHED_2, "parallel.fsdp_offload_params")
     assert fsdp_settings(run, GPU_NODE_8)["cpu_offload"] is True
 
@@ -426,7 +431,7 @@ def test_unsupported_settings_are_one_line_errors_naming_the_field(monkeypatch, 
     assert ("no CUDA here" in tp) == (not cuda)  # the MULTI_CPU refusal is only news on a machine without CUDA
     _load_error(["parallel.use_fsdp=true", "parallel.deepspeed_config=zero3"], "parallel.use_fsdp and parallel.deepspeed_config")
     _one_line_error(make_run(model={"precision": "float16"}), CPU, "model.precision=float16")
-    check_supported(make_run(model={"precision": "float16"}), GPU_NODE_8)
+    check_supported(make_run(8, model={"precision": "float16"}), GPU_NODE_8)
     _load_error(["parallel.use_fsdp=true", "parallel.fsdp_sharding_strategy=no_shard"], "no_shard")
     _load_error(["parallel.use_fsdp=true", "parallel.fsdp_state_dict_type=local"], "local")
 
@@ -446,18 +451,18 @@ def _load_error(overrides, field):
 
 
 def test_config_file_contents():
-    plain = accelerate_config_file(make_run(model={"precision": "bfloat16"}), CPU_LAUNCHED_2)
+    plain = accelerate_config_file(make_run(2, model={"precision": "bfloat16"}), CPU_LAUNCHED_2)
     assert plain["distributed_type"] == "MULTI_GPU" and plain["num_processes"] == 2 and plain["use_cpu"] is True
     assert plain["mixed_precision"] == "bf16"
     assert accelerate_config_file(make_run(), CPU)["distributed_type"] == "NO"
-    ds = accelerate_config_file(make_run(parallel={"deepspeed_config": "zero3"}), CPU_LAUNCHED_2, "/x/ds.json")
+    ds = accelerate_config_file(make_run(2, parallel={"deepspeed_config": "zero3"}), CPU_LAUNCHED_2, "/x/ds.json")
     assert ds["distributed_type"] == "DEEPSPEED" and "mixed_precision" not in ds
     assert ds["deepspeed_config"] == {
         "deepspeed_config_file": "/x/ds.json",
         "zero3_init_flag": True,
         "deepspeed_multinode_launcher": "standard",
     }
-    fsdp = accelerate_config_file(make_run(parallel={"use_fsdp": True, "fsdp_state_dict_type": "sharded"}), GPU_NODE_8)
+    fsdp = accelerate_config_file(make_run(8, parallel={"use_fsdp": True, "fsdp_state_dict_type": "sharded"}), GPU_NODE_8)
     assert fsdp["distributed_type"] == "FSDP" and fsdp["use_cpu"] is False
     assert fsdp["fsdp_config"]["fsdp_version"] == 2
     assert fsdp["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "IronCoreDecoderLayer"
@@ -465,7 +470,7 @@ def test_config_file_contents():
 
 
 def test_write_accelerate_config_writes_the_deepspeed_json_next_to_it(tmp_path):
-    run = make_run(parallel={"deepspeed_config": "zero2"}, optim={"clip_grad": 0.25})
+    run = make_run(2, parallel={"deepspeed_config": "zero2"}, optim={"clip_grad": 0.25})
     path = write_accelerate_config(run, tmp_path / "launch" / "acc.yaml", world_size=2)
     config = yaml.safe_load(path.read_text())
     ds_file = Path(config["deepspeed_config"]["deepspeed_config_file"])
@@ -477,18 +482,19 @@ LAUNCHED_SCRIPT = """
 import json, sys
 from pathlib import Path
 import torch
+from ironcore.config.resolve import resolve
 from ironcore.config.schema import DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainerConfig
 from ironcore.models import build_model
 from ironcore.translate import build_accelerator
 
 engine = sys.argv[1]
 ds = engine if engine.startswith("zero") else None
-run = RunConfig(
+run = resolve(RunConfig(
     model=ModelConfig(d_model=64, d_ffn=128, num_layers=1, num_attention_heads=2, head_dim=32, max_seq_len=32,
                       precision="float32"),
     data=DataConfig(vocab_size=128), trainer=TrainerConfig(micro_batch_size=2, gradient_accumulation_steps=2),
     parallel=ParallelConfig(deepspeed_config=ds, use_fsdp=engine == "fsdp"),
-)
+))  # the world size comes from the launcher's environment
 acc = build_accelerator(run)
 model = build_model(run) if engine == "fsdp" else torch.nn.Linear(4, 1)  # FSDP wraps the decoder layers
 model, opt = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -519,7 +525,7 @@ def _run_script(tmp_path, argv_prefix, preset):
 
 
 def _launch(tmp_path, preset, world_size):
-    run = make_run(parallel={"deepspeed_config": preset if preset.startswith("zero") else None,
+    run = make_run(world_size, parallel={"deepspeed_config": preset if preset.startswith("zero") else None,
                              "use_fsdp": preset == "fsdp"})
     config = write_accelerate_config(run, tmp_path / "accelerate.yaml", world_size)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
@@ -575,9 +581,11 @@ def test_gpt2_small_parameter_count_matches_transformers():
 
     with torch.device("meta"):
         reference = _numel(GPT2LMHeadModel(GPT2Config()))
-    params = count_parameters(GPT2_SMALL, vocab_size=50257, padding_unit=1)
+    params = count_parameters(GPT2_SMALL, vocab_size=50257)
     assert params.total == reference == 124_439_808
-    assert count_parameters(GPT2_SMALL, vocab_size=50257, padding_unit=128).embedding == 50304 * 768
+    padded = make_run(model=GPT2_SMALL, data={"vocab_size": 50257}, trainer={"vocab_padding_unit": 128})
+    assert padded.derived.padded_vocab_size == 50304
+    assert count_parameters(GPT2_SMALL, padded.derived.padded_vocab_size).embedding == 50304 * 768
 
 
 def test_llama_shape_parameter_count_matches_transformers():
@@ -620,7 +628,7 @@ def test_parameter_count_matches_the_ironcore_model(ln, activation, no_bias, unt
     run = make_run(model=model, data={"vocab_size": 1000}, trainer={"vocab_padding_unit": 128})
     with torch.device("meta"):
         real = _numel(IronCoreForCausalLM(IronCoreConfig.from_run_config(run)))
-    assert count_parameters(model, vocab_size=1000, padding_unit=128).total == real
+    assert count_parameters(model, run.derived.padded_vocab_size).total == real
 
 
 def test_flops_per_token_is_palm_6n_plus_attention():
@@ -632,7 +640,7 @@ def test_flops_per_token_is_palm_6n_plus_attention():
 def test_memory_estimate_follows_sharding_and_recompute():
     model = replace(GPT2_SMALL, precision="float32")
     run = make_run(model=model, data={"vocab_size": 50257}, trainer={"micro_batch_size": 4})
-    params = count_parameters(run.model, 50257, 128)
+    params = count_parameters(run.model, run.derived.padded_vocab_size)
     ddp = estimate_memory(run, params, Sharding(), 1024)
     assert ddp["weights"] + ddp["gradients"] + ddp["optimizer"] == 16 * params.total
     z1 = estimate_memory(run, params, Sharding("deepspeed", shard_size=4, zero_stage=1), 1024)
@@ -655,6 +663,7 @@ def test_memory_estimate_follows_sharding_and_recompute():
 
 def test_explain_is_json_and_shows_the_launch():
     run = make_run(
+        2,
         model={"precision": "bfloat16"},
         trainer={"micro_batch_size": 4, "train_batch_size": 32},
         parallel={"deepspeed_config": "zero3"},
@@ -667,12 +676,22 @@ def test_explain_is_json_and_shows_the_launch():
         "engine": "deepspeed", "shard_size": 2, "zero_stage": 3, "offload_optimizer": False, "offload_params": False
     }
     assert report["estimate"]["parameters"]["total"] == estimate(run)["parameters"]["total"]
-    fsdp = explain(make_run(parallel={"use_fsdp": True}), GPU_NODE_8)
-    assert fsdp["fsdp"] == fsdp_settings(make_run(parallel={"use_fsdp": True}), GPU_NODE_8)
+    fsdp_run = make_run(8, parallel={"use_fsdp": True})
+    fsdp = explain(fsdp_run, GPU_NODE_8)
+    assert fsdp["fsdp"] == fsdp_settings(fsdp_run, GPU_NODE_8)
     assert fsdp["estimate"]["sharding"]["engine"] == "fsdp"
 
 
-def test_torch_compile_maps_to_accelerate_dynamo():
-    """trainer.torch_compile hands compilation to Accelerate (TorchInductor at prepare time)."""
-    assert accelerator_settings(make_run(trainer={"torch_compile": True}), CPU)["dynamo_backend"] == "inductor"
+def test_torch_compile_never_uses_accelerates_whole_model_compile():
+    """trainer.torch_compile compiles the decoder layers in place (ironcore/compilation.py); Accelerate's dynamo
+    backend, which would wrap the model in an OptimizedModule, stays off either way."""
+    assert accelerator_settings(make_run(trainer={"torch_compile": True}), CPU)["dynamo_backend"] == "no"
     assert accelerator_settings(make_run(), CPU)["dynamo_backend"] == "no"
+
+
+@pytest.mark.parametrize("preset", ["zero3", "zero3_offload"])
+def test_torch_compile_with_zero3_is_refused_naming_both_fields(preset):
+    message = _one_line_error(make_run(trainer={"torch_compile": True}, parallel={"deepspeed_config": preset}), CPU,
+                              "trainer.torch_compile")
+    assert f"parallel.deepspeed_config='{preset}'" in message and "use FSDP" in message
+    check_supported(make_run(trainer={"torch_compile": True}, parallel={"deepspeed_config": "zero2"}), CPU)

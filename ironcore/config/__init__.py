@@ -12,7 +12,8 @@ from .load import load_raw
 from .resolve import resolve
 from .schema import GROUPS, DatasetSpec, RunConfig
 
-__all__ = ["GROUPS", "DatasetSpec", "RunConfig", "config_from_dict", "config_to_dict", "load_config"]
+__all__ = ["GROUPS", "DatasetSpec", "RunConfig", "config_from_dict", "config_to_dict", "derived_to_dict",
+           "load_config"]
 
 
 def load_config(
@@ -28,8 +29,13 @@ def config_from_dict(raw: dict[str, Any], *, world_size: int | None = None) -> R
 
 
 def config_to_dict(run: RunConfig) -> dict[str, Any]:
-    """Every group and field, defaults included, as plain YAML/JSON-able values."""
-    return _plain(dataclasses.asdict(run))
+    """Every group and field, defaults included, as plain YAML/JSON-able values (what a run saves and reloads)."""
+    return {name: _plain(dataclasses.asdict(getattr(run, name))) for name in GROUPS}
+
+
+def derived_to_dict(run: RunConfig) -> dict[str, Any]:
+    """The resolved run's derived values (`RunConfig.derived`), for `ironcore config`."""
+    return dataclasses.asdict(run.derived)
 
 
 def _plain(value: Any) -> Any:

@@ -29,7 +29,7 @@ def build(cls: type, raw: Any, where: str) -> Any:
     """Instantiate schema dataclass `cls` from a mapping, validating every given field."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of fields, got {describe(raw)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
     hints = field_types(cls)
     values = {}
     for name, value in raw.items():

@@ -1,8 +1,8 @@
 """Read a run config: YAML file + presets + command-line overrides -> raw nested dict.
 
 Precedence, lowest first: a preset or data config file, the run's YAML file, `key=value` overrides.
-YAML is only ever read with `yaml.safe_load`. Turning the raw dict into typed dataclasses is
-`ironcore.config.build`; this module only finds, reads and merges text.
+YAML is only ever read with `StrictLoader` (`yaml.SafeLoader` that also refuses a repeated key). Turning the
+raw dict into typed dataclasses is `ironcore.config.build`; this module only finds, reads and merges text.
 """
 
 from __future__ import annotations
@@ -23,18 +23,62 @@ _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice; `line` and `first_line` are 1-based."""
+
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"key {key!r} is given twice in one mapping")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key repeated in one mapping, where PyYAML silently keeps the last value
+    (a typo'd config would train with a setting the user thinks they replaced). Keys brought in by a merge
+    (`<<: *base`) may be overridden: only the mapping's own keys are compared."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKeyError(key, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Safe-load one YAML mapping, turning every way it can fail into a one-line ConfigError."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise ConfigError(f"{path}: a binary file (NUL byte at offset {nul}); expected a YAML text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                          "expected a UTF-8 YAML file") from None
     if not text.strip():
         raise ConfigError(f"{path}: the file is empty; expected a YAML mapping of config groups")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=StrictLoader)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}:{err.line}: {err} (first on line {err.first_line}); remove one") from None
+    except yaml.reader.ReaderError as err:
+        raise ConfigError(f"{path}: character U+{err.character:04X} at offset {err.position} is not allowed in "
+                          f"YAML ({err.reason})") from None
     except yaml.constructor.ConstructorError as err:
         line = err.problem_mark.line + 1 if err.problem_mark else "?"
-        raise ConfigError(f"{path}:{line}: tag not allowed ({err.problem}); only plain YAML values are accepted") from None
+        if "constructor for the tag" in (err.problem or ""):
+            raise ConfigError(f"{path}:{line}: tag not allowed ({err.problem}); only plain YAML values are accepted") from None
+        raise ConfigError(f"{path}:{line}: {err.problem}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -121,7 +165,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected GROUP.FIELD=VALUE (for example trainer.micro_batch_size=8)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else ""
+    except DuplicateKeyError as err:
+        raise ConfigError(f"override {text!r}: {err}") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value

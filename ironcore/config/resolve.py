@@ -11,25 +11,31 @@ from dataclasses import replace
 import torch
 
 from ironcore.errors import ConfigError
-from ironcore.models.configuration_ironcore import validate_model_config
+from ironcore.models.configuration_ironcore import padded_vocab_size, validate_model_config
 from ironcore.optim import validate_schedule
 from ironcore.profiling import validate_profiling
 
-from .schema import DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainerConfig
+from .schema import DataConfig, Derived, ModelConfig, ParallelConfig, RunConfig, TaskType, TrainerConfig
 
 
 def resolve(run: RunConfig, world_size: int | None = None) -> RunConfig:
-    """Fill what is derived and reject what contradicts itself."""
+    """Fill what is derived and reject what contradicts itself.
+
+    Each derived value is computed here, once, and every stage reads the resolved field: the task type,
+    seq_length, eval batch size and gradient accumulation in their own groups, the rest in `run.derived`.
+    """
     check_parallel(run)
     parallel = launch_environment(run.parallel, world_size)
-    model = fold_tokenizer(run.model, run.data)
-    run = replace(
-        run,
-        parallel=parallel,
-        model=model,
-        trainer=batch_arithmetic(run.trainer, parallel.world_size),
-        data=resolve_data(run.data, model),
+    model, tokenizer_field = fold_tokenizer(run.model, run.data)
+    trainer, dp_size = batch_arithmetic(run.trainer, parallel.world_size)
+    data = resolve_data(run.data, model)
+    derived = Derived(
+        data_parallel_size=dp_size,
+        padded_vocab_size=padded_vocab_size(data.vocab_size, trainer.vocab_padding_unit),
+        tokens_per_step=trainer.train_batch_size * data.seq_length,
+        tokenizer_field=tokenizer_field,
     )
+    run = replace(run, parallel=parallel, model=model, trainer=trainer, data=data, derived=derived)
     validate_model_config(run.model)
     validate_schedule(run.optim, run.operation.train_steps)
     validate_profiling(run.utils)
@@ -52,8 +58,11 @@ def launch_environment(parallel: ParallelConfig, world_size: int | None) -> Para
     )
 
 
-def batch_arithmetic(trainer: TrainerConfig, world_size: int) -> TrainerConfig:
-    """train_batch_size = micro_batch_size * gradient_accumulation_steps * dp_size; derive the missing one."""
+def batch_arithmetic(trainer: TrainerConfig, world_size: int) -> tuple[TrainerConfig, int]:
+    """train_batch_size = micro_batch_size * gradient_accumulation_steps * dp_size; derive the missing one.
+
+    Returns the trainer group with both filled (and eval_batch_size, which defaults to micro_batch_size) and
+    the data-parallel size."""
     model_parallel = trainer.tensor_model_parallel_size * trainer.pipeline_model_parallel_size
     if world_size % model_parallel:
         raise ConfigError(
@@ -79,25 +88,32 @@ def batch_arithmetic(trainer: TrainerConfig, world_size: int) -> TrainerConfig:
             f"x dp_size {dp} (world_size {world_size} / (tp {trainer.tensor_model_parallel_size} x "
             f"pp {trainer.pipeline_model_parallel_size})) = {expected}"
         )
-    return replace(
+    filled = replace(
         trainer,
         train_batch_size=expected,
         gradient_accumulation_steps=gas,
         eval_batch_size=trainer.eval_batch_size or micro,
     )
+    return filled, dp
 
 
-def fold_tokenizer(model: ModelConfig, data: DataConfig) -> ModelConfig:
-    """A data config file may name the tokenizer its data was prepared with; it wins over the model's."""
-    return replace(
+def fold_tokenizer(model: ModelConfig, data: DataConfig) -> tuple[ModelConfig, str]:
+    """A data config file may name the tokenizer its data was prepared with; it wins over the model's.
+
+    Returns the model group with the winning tokenizer and the field it came from (for error messages). The
+    data group keeps what the user wrote, so resolving a resolved (saved) config gives the same answer."""
+    field = "data.vocab_name_or_path" if data.vocab_name_or_path else "model.vocab_name_or_path"
+    folded = replace(
         model,
         vocab_name_or_path=data.vocab_name_or_path or model.vocab_name_or_path,
         tokenizer_type=data.tokenizer_type or model.tokenizer_type,
     )
+    return folded, field
 
 
 def resolve_data(data: DataConfig, model: ModelConfig) -> DataConfig:
-    """seq_length defaults to the model's context; the split ratios must describe the whole dataset."""
+    """The task (from the data group or its entries) and seq_length (default: the model's context); the split
+    ratios must describe the whole dataset and an explicit pad id must be in the vocabulary."""
     seq_length = data.seq_length or model.max_seq_len
     if seq_length > model.max_seq_len:
         raise ConfigError(f"data.seq_length: {seq_length} exceeds model.max_seq_len {model.max_seq_len}")
@@ -105,12 +121,23 @@ def resolve_data(data: DataConfig, model: ModelConfig) -> DataConfig:
         raise ConfigError(f"data.splits: expected 3 ratios (train, eval, test), got {len(data.splits)}")
     if any(s < 0 for s in data.splits) or abs(sum(data.splits) - 1.0) > 1e-6:
         raise ConfigError(f"data.splits: {list(data.splits)} must be non-negative and sum to 1 (sum is {sum(data.splits):g})")
-    return replace(
-        data,
-        seq_length=seq_length,
-        vocab_name_or_path=model.vocab_name_or_path,
-        tokenizer_type=model.tokenizer_type,
-    )
+    if data.pad_token_id >= data.vocab_size:
+        raise ConfigError(f"data.pad_token_id: {data.pad_token_id} is outside the vocabulary (data.vocab_size "
+                          f"{data.vocab_size}); use an id below it, or -1 for the EOS token")
+    return replace(data, task_type=task_type(data), seq_length=seq_length)
+
+
+def task_type(data: DataConfig) -> TaskType | None:
+    """The run's one task: `data.task_type`, else the one its dataset entries name (None: no task given yet)."""
+    named = {f"data.{group}[{i}].task_type": spec.task_type
+             for group in ("train_datasets", "eval_datasets", "test_datasets")
+             for i, spec in enumerate(getattr(data, group) or ()) if spec.task_type}
+    tasks = set(named.values()) | ({data.task_type} if data.task_type else set())
+    if len(tasks) > 1:
+        where = ", ".join(f"{k}={v}" for k, v in named.items())
+        top = f"data.task_type={data.task_type}, " if data.task_type else ""
+        raise ConfigError(f"data: dataset entries of several tasks ({top}{where}); one run trains one task")
+    return tasks.pop() if tasks else None
 
 
 def check_parallel(run: RunConfig) -> None:

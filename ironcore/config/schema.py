@@ -59,7 +59,7 @@ class TrainerConfig:
         None, "Keep only the newest K checkpoints (None: keep all)", ge=1, added=True
     )
     resume: bool = option(True, "Resume from the run directory's latest complete checkpoint when there is one", added=True)
-    torch_compile: bool = option(False, "Compile the model with torch.compile", added=True)
+    torch_compile: bool = option(False, "Compile each decoder layer in place (TorchInductor, regional compilation)", added=True)
     max_nonfinite_steps: int = option(
         3, "Stop after this many consecutive NaN/Inf losses (each such step is skipped)", ge=1, added=True
     )
@@ -269,8 +269,21 @@ class UtilsConfig:
 
 
 @dataclass(frozen=True)
+class Derived:
+    """Values no spec field holds, computed once by config resolution (`ironcore.config.resolve`) and read
+    everywhere else. Derived values that do have a field (data.task_type, data.seq_length,
+    trainer.eval_batch_size, trainer.gradient_accumulation_steps, parallel.world_size, the tokenizer) are
+    filled in their own groups."""
+
+    data_parallel_size: int  # world_size / (tensor x pipeline parallel sizes)
+    padded_vocab_size: int  # data.vocab_size rounded up to trainer.vocab_padding_unit: the embedding rows
+    tokens_per_step: int  # train_batch_size x seq_length
+    tokenizer_field: str  # the field the tokenizer came from, for error messages (a data config's wins)
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    """The whole resolved run: every group, batch arithmetic done."""
+    """The whole run: every group; after resolution also `derived` (None before)."""
 
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     operation: OperationConfig = field(default_factory=OperationConfig)
@@ -280,6 +293,7 @@ class RunConfig:
     init: InitConfig = field(default_factory=InitConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     utils: UtilsConfig = field(default_factory=UtilsConfig)
+    derived: Derived | None = field(default=None, metadata={"derived": True})
 
     @property
     def run_dir(self) -> Path:

@@ -1,7 +1,7 @@
 """Data: tokenizers, dataset sources, task-specific tokenization, mixing, the preprocessing cache, loaders."""
 
 from ironcore.data.loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
-from ironcore.data.prepare import PreparedData, prepare_data, resolve_seq_length, resolve_task
+from ironcore.data.prepare import PreparedData, prepare_data
 from ironcore.data.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer, train_tokenizer
 
 __all__ = [
@@ -13,7 +13,5 @@ __all__ = [
     "build_train_loader",
     "load_tokenizer",
     "prepare_data",
-    "resolve_seq_length",
-    "resolve_task",
     "train_tokenizer",
 ]

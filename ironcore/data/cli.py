@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ironcore.config.schema import DatasetSpec, RunConfig
 from ironcore.data import report
-from ironcore.data.prepare import prepare_data, resolve_task
+from ironcore.data.prepare import prepare_data, required_task
 from ironcore.data.sources import is_string, load_source, require_column
 from ironcore.data.tokenizer import load_tokenizer, train_tokenizer
 from ironcore.errors import ConfigError
@@ -101,7 +101,7 @@ def _file_texts(patterns, column: str) -> Iterator[str]:
 
 def _config_texts(run: RunConfig) -> Iterator[str]:
     """Every string of the config's training datasets: text, message contents, prompts and answers."""
-    task = resolve_task(run)
+    task = required_task(run)
     for i, spec in enumerate(run.data.train_datasets or ()):
         ds = load_source(spec, task=task, cache_dir=None, label=f"data.train_datasets[{i}]")
         columns = [c for c in dict.fromkeys((spec.text_column, spec.messages_column, spec.prompt_column, spec.response_column,

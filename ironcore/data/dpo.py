@@ -10,8 +10,10 @@ earlier turn, so only the final assistant answer and its end-of-turn token count
 live in the same row, so they always land in the same batch.
 
 A row without a chosen or rejected answer (or without the prompt it needs) is a `DataError` naming the
-row. Pairs whose prompts differ, unknown roles, and too-long pairs under `truncation: drop` are
-skipped and counted, like SFT rows.
+row. Pairs whose prompts differ, unknown roles, too-long pairs under `truncation: drop`, and pairs
+whose two sides are the same tokens (chosen equals rejected, or equal once truncated: such a pair
+has no preference to learn and would only add a constant ln 2 to the loss) are skipped and counted,
+like SFT rows.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ def pair_messages(prompt, chosen, rejected, where: str) -> tuple[list, list] | S
         return Status.BAD_PAIR
     if good[-1]["role"] != "assistant" or bad[-1]["role"] != "assistant" or not has_assistant_reply(good):
         return Status.NO_ASSISTANT
+    for side, conversation in zip(SIDES, (good, bad), strict=True):
+        if not conversation[-1]["content"]:
+            raise DataError(f"{where}: no {side} answer (its last message is empty; a DPO pair needs both answers)")
     return good, bad
 
 
@@ -93,6 +98,8 @@ def _pair_outcome(pair, encoded, seq_length: int, truncation: str) -> tuple[Stat
     for status in (s1, s2):
         if status not in (Status.OK, Status.TRUNCATED):
             return status, [[], [], [], []]
+    if ci == ri and cl == rl:
+        return Status.IDENTICAL_PAIR, [[], [], [], []]
     return max(s1, s2), [ci, cl, ri, rl]
 
 

@@ -9,7 +9,8 @@ rows whatever the split into micro-batch x processes x accumulation (1 process x
 and 2 processes x 1 see the same set). The position is (epoch, cursor) with the cursor counted in
 global rows, so `state_dict()` is the same on every rank, and restoring it (even with another world
 size) continues with exactly the rows that come next, without reading the consumed ones.
-`sample_ids` are row indices of the dataset.
+`sample_ids` are row indices of the dataset. Iterating never draws from torch's global RNG, so a resumed
+run's dropout continues the restored stream exactly.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ironcore.config.schema import RunConfig
 from ironcore.data.collate import DPOCollator, LMCollator
-from ironcore.data.prepare import resolve_seq_length
-from ironcore.errors import ConfigError, DataError
+from ironcore.errors import DataError
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -106,10 +106,18 @@ class TrainLoader:
             batch_sampler=self._index_batches(self.epoch, self.cursor),
             collate_fn=self.collate,
             num_workers=self.num_workers,
+            generator=self._generator(),
         )
         for batch in loader:
             self._advance()
             yield batch
+
+    def _generator(self) -> torch.Generator:
+        """The DataLoader's own RNG, seeded from (seed, rank). Without one, starting an iterator draws the workers'
+        base seed from torch's global generator, the one dropout uses: a resumed run would draw it right after its
+        RNG state was restored, where the uninterrupted run is mid-stream, and every later dropout mask would shift."""
+        seed = np.random.SeedSequence([self.seed, self.rank]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(seed))
 
     def state_dict(self) -> dict:
         """The position after the last batch handed out (prefetched batches do not count)."""
@@ -145,23 +153,19 @@ class EvalLoader:
             yield self.collate(self.rows.__getitems__(self.indices[start : start + self.batch_size]))
 
 
-def make_collator(dataset: datasets.Dataset, run: RunConfig, tokenizer: PreTrainedTokenizerBase | None):
-    """The collator for the dataset's task (read from its columns), with the pad id of `data.pad_token_id`."""
+def make_collator(run: RunConfig, tokenizer: PreTrainedTokenizerBase | None):
+    """The collator of the run's task, with the pad id of `data.pad_token_id` (-1: the tokenizer's EOS)."""
     if tokenizer is None:
         from ironcore.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(run)
     eos_id = tokenizer.eos_token_id
     pad_id = run.data.pad_token_id if run.data.pad_token_id >= 0 else eos_id
-    if pad_id >= run.data.vocab_size:
-        raise ConfigError(f"data.pad_token_id {pad_id} is outside the model vocabulary (data.vocab_size {run.data.vocab_size})")
-    seq_length = resolve_seq_length(run)
-    columns = dataset.column_names if dataset is not None else []
-    if "chosen_input_ids" in columns:
-        return DPOCollator(pad_id, seq_length, run.data.pad_to_max_length)
-    pretrain_rows = "labels" not in columns
-    reset = eos_id if pretrain_rows and run.data.reset_position_ids else None
-    return LMCollator(pad_id, seq_length, run.data.pad_to_max_length, reset)
+    data = run.data
+    if data.task_type == "dpo":
+        return DPOCollator(pad_id, data.seq_length, data.pad_to_max_length)
+    reset = eos_id if data.task_type == "pretrain" and data.reset_position_ids else None
+    return LMCollator(pad_id, data.seq_length, data.pad_to_max_length, reset)
 
 
 def build_train_loader(
@@ -169,16 +173,16 @@ def build_train_loader(
     run: RunConfig,
     *,
     rank: int,
-    world_size: int,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> TrainLoader:
-    """This rank's infinite, resumable micro-batch iterator over `dataset` (pass `tokenizer` to skip reloading it)."""
+    """This rank's infinite, resumable micro-batch iterator over `dataset` (pass `tokenizer` to skip reloading it),
+    for the data-parallel size the run was resolved for."""
     return TrainLoader(
         dataset,
-        make_collator(dataset, run, tokenizer),
+        make_collator(run, tokenizer),
         micro_batch_size=run.trainer.micro_batch_size,
         rank=rank,
-        world_size=world_size,
+        world_size=run.derived.data_parallel_size,
         seed=run.init.seed,
         num_workers=run.trainer.num_workers,
         samples_per_step=run.trainer.train_batch_size,
@@ -190,16 +194,15 @@ def build_eval_loader(
     run: RunConfig,
     *,
     rank: int,
-    world_size: int,
     max_samples: int | None,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> EvalLoader:
-    """This rank's finite eval batches of `eval_batch_size` (else micro_batch_size); empty when `dataset` is None."""
+    """This rank's finite eval batches of `trainer.eval_batch_size`; empty when `dataset` is None."""
     return EvalLoader(
         dataset,
-        make_collator(dataset, run, tokenizer),
-        batch_size=run.trainer.eval_batch_size or run.trainer.micro_batch_size,
+        make_collator(run, tokenizer),
+        batch_size=run.trainer.eval_batch_size,
         rank=rank,
-        world_size=world_size,
+        world_size=run.derived.data_parallel_size,
         max_samples=max_samples,
     )

@@ -40,13 +40,13 @@ from transformers import PreTrainedTokenizerBase
 from ironcore.config.schema import DatasetSpec, RunConfig
 from ironcore.data import dpo, mixing, pretrain, sft
 from ironcore.data.cache import build_atomically, fingerprint
-from ironcore.data.sources import dataset_name, load_source, source_fingerprint
+from ironcore.data.sources import check_source, dataset_name, load_source, source_fingerprint
 from ironcore.data.tokenizer import cache_root, tokenizer_fingerprint
 from ironcore.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: SFT skips empty answers, DPO skips identical pairs
 SPLIT_SEED = 1234
 SPLITS = ("train", "eval", "test")
 
@@ -63,23 +63,11 @@ class PreparedData:
     stats: dict = field(default_factory=dict)
 
 
-def resolve_task(run: RunConfig) -> str:
-    """The run's one task: `data.task_type` and every entry's `task_type` must agree."""
-    specs = [*(run.data.train_datasets or ()), *(run.data.eval_datasets or ()), *(run.data.test_datasets or ())]
-    tasks = {s.task_type for s in specs if s.task_type} | ({run.data.task_type} if run.data.task_type else set())
-    if not tasks:
-        raise ConfigError("data.task_type is not set; choose pretrain, sft or dpo")
-    if len(tasks) > 1:
-        raise ConfigError(f"data: dataset entries of several tasks ({', '.join(sorted(tasks))}); one run trains one task")
-    return tasks.pop()
-
-
-def resolve_seq_length(run: RunConfig) -> int:
-    """`data.seq_length`, else `model.max_seq_len`; never longer than the model's positions."""
-    seq_length = run.data.seq_length or run.model.max_seq_len
-    if seq_length > run.model.max_seq_len:
-        raise ConfigError(f"data.seq_length {seq_length} exceeds model.max_seq_len {run.model.max_seq_len}")
-    return seq_length
+def required_task(run: RunConfig) -> str:
+    """The resolved task (`data.task_type`, or the one its entries name): reading data needs one."""
+    if run.data.task_type is None:
+        raise ConfigError("data.task_type is not set (nor on any dataset entry); choose pretrain, sft or dpo")
+    return run.data.task_type
 
 
 def split_fractions(run: RunConfig) -> dict[str, float]:
@@ -126,18 +114,19 @@ def _datasets_cache(run: RunConfig) -> str | None:
 
 def prepare_data(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Tokenized (cached) train / eval / test datasets of the run, the training entries mixed by ratio."""
-    task, seq_length = resolve_task(run), resolve_seq_length(run)
+    task, seq_length = required_task(run), run.data.seq_length
     if not run.data.train_datasets:
         raise ConfigError("data.train_datasets is empty; give at least one dataset (see configs/data/)")
     ratios = [spec.ratio for spec in run.data.train_datasets]
     mixing.check_ratios(ratios)  # a config mistake must not cost (or leave behind) a tokenized cache
+    _check_sources(run, task)
     context = _Context(run, tokenizer, task, seq_length, tokenizer_fingerprint(tokenizer))
     fractions = split_fractions(run)
     names = _unique_names(run.data.train_datasets)
     held: dict[str, list[datasets.Dataset]] = {"eval": [], "test": []}
     train_parts, entry_stats = [], {}
     for i, (spec, name) in enumerate(zip(run.data.train_datasets, names, strict=True)):
-        parts, info = context.entry(spec, name, f"data.train_datasets[{i}] '{name}'", fractions)
+        parts, info = context.entry(spec, name, _label("train", i, name), fractions)
         train_parts.append(parts["train"])
         for split in ("eval", "test"):
             if split in parts:
@@ -146,7 +135,7 @@ def prepare_data(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Prepared
     for role in ("eval", "test"):
         specs = getattr(run.data, f"{role}_datasets") or ()
         for i, (spec, name) in enumerate(zip(specs, _unique_names(specs), strict=True)):
-            parts, info = context.entry(spec, name, f"data.{role}_datasets[{i}] '{name}'", {role: 1.0})
+            parts, info = context.entry(spec, name, _label(role, i, name), {role: 1.0})
             held[role].append(parts[role])
             entry_stats[f"{role}:{name}"] = info
     train = mixing.mix(train_parts, ratios, names, seed=run.init.seed)
@@ -167,6 +156,19 @@ def prepare_data(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Prepared
 def _unique_names(specs) -> list[str]:
     names = [dataset_name(s) for s in specs]
     return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+def _label(role: str, i: int, name: str) -> str:
+    return f"data.{role}_datasets[{i}] '{name}'"
+
+
+def _check_sources(run: RunConfig, task: str) -> None:
+    """Every entry's path, files and format, before the first entry is tokenized: a missing eval file must
+    not wait for (or leave behind) the training set's tokenization."""
+    for role in SPLITS:
+        specs = getattr(run.data, f"{role}_datasets") or ()
+        for i, (spec, name) in enumerate(zip(specs, _unique_names(specs), strict=True)):
+            check_source(spec, task=task, label=_label(role, i, name))
 
 
 def _combine(parts: list[datasets.Dataset]) -> datasets.Dataset | None:
@@ -257,7 +259,8 @@ class _Context:
         counts = sft.status_counts(np.asarray(rows.data.column("status")))
         kept = rows.filter(_is_kept, input_columns="status", batched=True, keep_in_memory=True).remove_columns("status")
         if len(kept) == 0:  # before the warning below: the error alone says it, on the one line a bad input gets
-            raise DataError(f"{label}: no rows left after filtering ({', '.join(f'{k}: {v}' for k, v in counts.items())})")
+            reasons = ", ".join(f"{k}: {v}" for k, v in counts.items())
+            raise DataError(f"{label}: no rows of {spec.dataset_path} left after filtering ({reasons})")
         skipped = {k: v for k, v in counts.items() if k not in ("ok", "truncated")}
         if skipped:
             logger.warning("%s: skipped %s", label, ", ".join(f"{v} rows ({k})" for k, v in skipped.items()))

@@ -13,9 +13,10 @@ bring their own). Two ways to find them, both from the rendered template:
   templates without special tokens, at the end of the turn's text minus trailing whitespace.
 
 Rows that cannot be trained are skipped and counted (never silently): an unknown role, no assistant
-turn after a prompt, a template that raises on the row, a sample longer than `seq_length` under
-`truncation: drop`, or no trained token left after truncation. A value of the wrong type (a string
-where a message list belongs) is a `DataError` naming the row.
+turn after a prompt, an assistant turn whose content is null, empty or blank (it would train a bare
+end-of-turn token: "answer nothing"), a template that raises on the row, a sample longer than
+`seq_length` under `truncation: drop`, or no trained token left after truncation. A value of the
+wrong type (a string where a message list belongs) is a `DataError` naming the row.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class Status(enum.IntEnum):
     NO_TRAINED_TOKENS = 5
     TEMPLATE_ERROR = 6
     BAD_PAIR = 7
+    EMPTY_ANSWER = 8
+    IDENTICAL_PAIR = 9
 
 
 KEPT = (Status.OK, Status.TRUNCATED)
@@ -87,6 +90,11 @@ def to_messages(value, where: str) -> list[dict[str, str]] | Status:
 
 def has_assistant_reply(messages: list[dict[str, str]]) -> bool:
     return any(m["role"] == "assistant" for m in messages[1:])
+
+
+def has_empty_answer(messages: list[dict[str, str]]) -> bool:
+    """An assistant turn with nothing to say (null content reads as ""); trained, it would teach an instant stop."""
+    return any(m["role"] == "assistant" and not m["content"].strip() for m in messages)
 
 
 # ---- encoding ------------------------------------------------------------------------------------
@@ -244,8 +252,8 @@ def row_messages(batch: dict, k: int, columns: tuple[str, ...], where: str) -> l
         messages = to_messages(batch[columns[0]][k], f"{where} column '{columns[0]}'")
     else:
         prompt, response = batch[columns[0]][k], batch[columns[1]][k]
-        if response is None or response == "":
-            return Status.NO_ASSISTANT
+        if response is None:
+            return Status.EMPTY_ANSWER
         if not isinstance(response, str):
             raise DataError(f"{where} column '{columns[1]}' holds {type(response).__name__}, expected a string")
         head = to_messages(prompt, f"{where} column '{columns[0]}'") if not isinstance(prompt, str) else [
@@ -254,7 +262,9 @@ def row_messages(batch: dict, k: int, columns: tuple[str, ...], where: str) -> l
         messages = head if isinstance(head, Status) else head + [{"role": "assistant", "content": response}]
     if isinstance(messages, Status):
         return messages
-    return messages if has_assistant_reply(messages) else Status.NO_ASSISTANT
+    if not has_assistant_reply(messages):
+        return Status.NO_ASSISTANT
+    return Status.EMPTY_ANSWER if has_empty_answer(messages) else messages
 
 
 def outcome(conversation, encoded, seq_length: int, truncation: str) -> tuple[Status, list[int], list[int]]:

@@ -65,16 +65,9 @@ def cache_root(data: DataConfig) -> Path:
 
 
 def tokenizer_source(run: RunConfig) -> tuple[str, str, str]:
-    """(tokenizer_type, vocab_name_or_path, field name to blame); a data config's fields win over the model's.
-
-    A loaded config carries the winning name in both groups (`config.resolve` copies it), so the data
-    field is blamed only when it differs from the model's; otherwise the model field, where configs and
-    model presets name their tokenizer, is the one to fix.
-    """
-    kind = run.data.tokenizer_type or run.model.tokenizer_type
-    if run.data.vocab_name_or_path and run.data.vocab_name_or_path != run.model.vocab_name_or_path:
-        return kind, run.data.vocab_name_or_path, "data.vocab_name_or_path"
-    return kind, run.model.vocab_name_or_path, "model.vocab_name_or_path"
+    """(tokenizer_type, vocab_name_or_path, field name to blame) of the resolved run: config resolution puts
+    the winner (a data config's tokenizer wins over the model's) in the model group and records where it came from."""
+    return run.model.tokenizer_type, run.model.vocab_name_or_path, run.derived.tokenizer_field
 
 
 def load_tokenizer(run: RunConfig) -> PreTrainedTokenizerBase:
@@ -92,7 +85,7 @@ def load_tokenizer(run: RunConfig) -> PreTrainedTokenizerBase:
         tokenizer.chat_template = _read_template(run.data.chat_template)
     elif not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    check_vocab_size(run.data.vocab_size, tokenizer, name)
+    check_vocab_size(run.data.vocab_size, tokenizer, name, field)
     return tokenizer
 
 
@@ -134,12 +127,13 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def check_vocab_size(vocab_size: int, tokenizer: PreTrainedTokenizerBase, name: str = "") -> None:
-    """The model's vocabulary must hold every token id the tokenizer can produce."""
+def check_vocab_size(vocab_size: int, tokenizer: PreTrainedTokenizerBase, name: str, field: str) -> None:
+    """The model's vocabulary must hold every token id the tokenizer can produce; checked as soon as the tokenizer
+    is loaded, before any tokenization, naming both fields that disagree."""
     if vocab_size < len(tokenizer):
         raise ConfigError(
-            f"data.vocab_size {vocab_size} is smaller than the tokenizer's vocabulary ({len(tokenizer)} tokens"
-            f"{' of ' + repr(name) if name else ''}); set data.vocab_size >= {len(tokenizer)}"
+            f"data.vocab_size {vocab_size} is smaller than the tokenizer's vocabulary ({len(tokenizer)} tokens of "
+            f"'{name}', {field}); set data.vocab_size >= {len(tokenizer)} or choose a smaller tokenizer"
         )
 
 

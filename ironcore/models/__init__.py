@@ -9,7 +9,6 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_ironcore import (
     IronCoreConfig,
-    padded_vocab_size,
     resolve_attn_implementation,
     validate_model_config,
 )
@@ -41,7 +40,6 @@ __all__ = [
     "ironcore_to_llama",
     "llama_to_ironcore",
     "load_pretrained",
-    "padded_vocab_size",
     "resolve_attn_implementation",
     "trim_vocab_padding",
     "validate_model_config",

@@ -131,15 +131,6 @@ class IronCoreConfig(PretrainedConfig):
 
     model_type = "ironcore"
     keys_to_ignore_at_inference = ["cache"]
-    base_model_tp_plan = {
-        "layers.*.self_attn.q_proj": "colwise",
-        "layers.*.self_attn.k_proj": "colwise",
-        "layers.*.self_attn.v_proj": "colwise",
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.gate_proj": "colwise",
-        "layers.*.mlp.up_proj": "colwise",
-        "layers.*.mlp.down_proj": "rowwise",
-    }
 
     vocab_size: int = 51200
     unpadded_vocab_size: int | None = None
@@ -211,6 +202,22 @@ class IronCoreConfig(PretrainedConfig):
             raise ConfigError("IronCoreConfig: " + "; ".join(problems))
 
     @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor-parallel styles of the layers this architecture has: `gate_proj` exists only in a gated MLP."""
+        plan = {
+            "layers.*.self_attn.q_proj": "colwise",
+            "layers.*.self_attn.k_proj": "colwise",
+            "layers.*.self_attn.v_proj": "colwise",
+            "layers.*.self_attn.o_proj": "rowwise",
+            "layers.*.mlp.gate_proj": "colwise",
+            "layers.*.mlp.up_proj": "colwise",
+            "layers.*.mlp.down_proj": "rowwise",
+        }
+        if not self.gated_mlp:
+            del plan["layers.*.mlp.gate_proj"]
+        return plan
+
+    @property
     def activation_type(self) -> str:
         """The spec's name for this (hidden_act, gated_mlp) pair."""
         return next(name for name, pair in ACTIVATIONS.items() if pair == (self.hidden_act, self.gated_mlp))
@@ -219,11 +226,10 @@ class IronCoreConfig(PretrainedConfig):
     def from_run_config(cls, run: Any) -> IronCoreConfig:
         """The model of a `RunConfig`: its `model` group plus vocab (data), init, recompute and attention choices."""
         model = run.model
-        validate_model_config(model)
         pe = model.positional_embedding
         hidden_act, gated_mlp = ACTIVATIONS[model.activation_type]
         return cls(
-            vocab_size=padded_vocab_size(run.data.vocab_size, run.trainer.vocab_padding_unit),
+            vocab_size=run.derived.padded_vocab_size,
             unpadded_vocab_size=run.data.vocab_size,
             hidden_size=model.d_model,
             intermediate_size=model.d_ffn,

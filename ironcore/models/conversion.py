@@ -18,12 +18,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import pickle
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.initialization import no_init_weights
 
@@ -367,22 +368,56 @@ def _build(model_cls: type, config: Any, state: dict[str, torch.Tensor], like: P
 
 
 def checkpoint_shapes(path: Path) -> dict[str, tuple]:
-    """Tensor name -> shape of a model directory's weights, read from the headers (no tensor is loaded)."""
+    """Tensor name -> shape of a model directory's weights, read from the headers (no tensor is loaded).
+
+    Reading every header also proves each weight file whole: safetensors refuses a file whose size is not
+    what its header says, so a truncated or corrupt file is one CheckpointError naming it, before any load.
+    """
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file():
-        files = {path / "model.safetensors"}
+        files = [path / "model.safetensors"]
     elif index.is_file():
-        files = {path / name for name in json.loads(index.read_text())["weight_map"].values()}
+        files = shard_files(index)
     elif (path / "pytorch_model.bin").is_file():
-        state = torch.load(path / "pytorch_model.bin", map_location="meta", weights_only=True)
-        return {k: tuple(v.shape) for k, v in state.items()}
+        return bin_shapes(path / "pytorch_model.bin")
     else:
         raise CheckpointError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
     shapes = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        shapes.update(safetensors_shapes(file))
     return shapes
+
+
+def shard_files(index: Path) -> list[Path]:
+    """The weight files a `model.safetensors.index.json` names, each of which must exist."""
+    try:
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index}: not a safetensors index (JSON with a weight_map): {err}") from None
+    files = [index.parent / name for name in names]
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{index}: names {file.name}, which is missing")
+    return files
+
+
+def safetensors_shapes(file: Path) -> dict[str, tuple]:
+    """Shapes from one safetensors header; safe_open also checks the file's size against it."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({err})") from None
+
+
+def bin_shapes(file: Path) -> dict[str, tuple]:
+    """Shapes of a `pytorch_model.bin`, loaded on the meta device with `weights_only=True` (no code runs)."""
+    try:
+        state = torch.load(file, map_location="meta", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{file}: not a readable PyTorch weights file, truncated or corrupt ({reason})") from None
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 ARCHITECTURES: dict[str, tuple[type, type]] = {
@@ -415,9 +450,22 @@ def read_model_type(path: Path) -> str:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected an IronCore, GPT-2 or LLaMA model directory)")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{config_file}: not valid JSON ({err})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in ARCHITECTURES:
         raise CheckpointError(f"{path}: model_type {model_type!r} is not one of {', '.join(ARCHITECTURES)}")
+    return model_type
+
+
+def check_model_dir(path: Path) -> str:
+    """The model type of a model directory, whose weight files' headers are checked against its config: a broken
+    directory is one CheckpointError naming the file before any weight is loaded."""
+    model_type = read_model_type(path)
+    config_cls, model_cls = ARCHITECTURES[model_type]
+    _check_checkpoint(path, model_cls, config_cls.from_pretrained(path))
     return model_type
 
 
@@ -429,10 +477,8 @@ def load_pretrained(path: str | Path, run_or_config: Any = None) -> IronCoreForC
     config's training settings (dropout, recompute, attention, vocabulary padding).
     """
     path = Path(path)
-    model_type = read_model_type(path)
-    config_cls, model_cls = ARCHITECTURES[model_type]
-    config = config_cls.from_pretrained(path)
-    _check_checkpoint(path, model_cls, config)
+    model_type = check_model_dir(path)
+    model_cls = ARCHITECTURES[model_type][1]
     source = TO_IRONCORE[model_type](model_cls.from_pretrained(path))
     if run_or_config is None:
         return source
