@@ -33,7 +33,7 @@ from ironcore.loop import RESUME_IGNORED_MODEL_FIELDS, build_loop, checkpoint_mo
 
 RESUME = [*BASELINE, *DROPOUT]
 SFT_RUN = [*SFT, *DROPOUT, f"operation.train_steps={STEPS}", "trainer.micro_batch_size=4",
-           "trainer.gradient_accumulation_steps=2", "trainer.save_checkpoint_steps=3"]
+           "trainer.gradient_accumulation_steps=2", "trainer.save_checkpoint_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -168,15 +168,13 @@ def test_saved_model_config_holds_the_padded_vocab_and_ignores_dropout():
 
 @pytest.fixture(scope="module")
 def sft_runs(tmp_path_factory) -> tuple[Path, Path]:
-    """SFT with packing and dropout: uninterrupted, and stopped by operation.exit_interval at step 3 then
-    relaunched."""
+    """SFT with packing and dropout: uninterrupted, and interrupted the three ways (`interrupted_run`)."""
     base = tmp_path_factory.mktemp("sft")
-    reference, stopped = base / "reference", base / "stopped"
+    reference, interrupted_dir = base / "reference", base / "interrupted"
     run(reference, SFT_RUN, fresh=True)
-    run(stopped, [*SFT_RUN, "operation.exit_interval=3"], fresh=True)
-    assert checkpoints(stopped) == ["step_3"] and sorted(losses(stopped)) == [1, 2, 3]
-    run(stopped, SFT_RUN)
-    return reference, stopped
+    launches = interrupted_run(interrupted_dir, SFT_RUN)
+    assert [launch["steps"] for launch in launches] == [[1, 2, 3], [4], [4], [5, 6]]
+    return reference, interrupted_dir
 
 
 def test_sft_with_packing_resumes_bitwise(sft_runs):
@@ -185,5 +183,4 @@ def test_sft_with_packing_resumes_bitwise(sft_runs):
     assert config["data"]["task_type"] == "sft" and config["data"]["pack_sequences"] is True
     assert config["trainer"]["gradient_accumulation_steps"] == 2
     assert config["model"]["dropout_attn"] == 0.1
-    assert_continued(stopped)
     assert_bitwise_equal(stopped, reference)
