@@ -103,7 +103,11 @@ def save_checkpoint(
         _remove_stale_tmp(root)
     accelerator.wait_for_everyone()
 
-    accelerator.save_state(str(tmp))
+    hook = accelerator.register_save_state_pre_hook(drop_tied_duplicates)
+    try:
+        accelerator.save_state(str(tmp))
+    finally:
+        hook.remove()
     if accelerator.is_main_process:
         (tmp / TRAIN_STATE_FILE).write_text(state_json)
     accelerator.wait_for_everyone()
@@ -117,6 +121,23 @@ def save_checkpoint(
         logger.info("Saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def drop_tied_duplicates(models: list[torch.nn.Module], weights: list[dict[str, Any]], _output_dir: str) -> None:
+    """Save-state pre-hook: keep one key per tied parameter, as `save_pretrained` does for `lm_head.weight`.
+
+    safetensors cannot store two names for one tensor, so accelerate drops the later names itself, but with a
+    warning on every save ("Removed shared tensor ... check ... while reloading") meant for aliases it cannot
+    explain. A parameter registered under two names (weight tying) is such an alias by design, and loading
+    re-ties it; dropping its later names here, in the same order, writes the same file without the warning.
+    Any other shared storage is left for accelerate to report. The model has no state dict here under
+    FSDP/DeepSpeed, which save their own shards.
+    """
+    for model, state_dict in zip(models, weights):
+        first_name: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if first_name.setdefault(id(param), name) != name:
+                state_dict.pop(name, None)
 
 
 def find_resume_checkpoint(run_dir: Path, *, verify_checksums: bool = True) -> Path | None:

@@ -1,4 +1,4 @@
-"""The `ironcore` command: train | preprocess | tokenizer | config | export | generate.
+"""The `ironcore` command: train | preprocess | tokenizer | config | export | generate | plot.
 
 This is the one place that prints. User mistakes (`IronCoreError`) become one line on stderr and exit
 code 2; `--debug` shows the traceback instead.
@@ -77,10 +77,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def export_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="re-export a run, checkpoint or model dir as an IronCore, GPT-2 or LLaMA HF directory")
+    p = sub.add_parser("export", help="re-export a run, checkpoint or model dir as an IronCore, GPT-2, LLaMA, Mistral or Qwen2 HF directory")
     p.add_argument("src", help="run directory, checkpoint directory (RUN_DIR/checkpoints/step_N) or model directory")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--arch", choices=["ironcore", "gpt2", "llama"], default="ironcore")
+    p.add_argument("--arch", choices=["ironcore", "gpt2", "llama", "mistral", "qwen2", "source"], default=None,
+                   help="target architecture; source: the one of the checkpoint the run was fine-tuned from "
+                        "(the default for such runs, else ironcore)")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this Hub repo")
     p.set_defaults(func=cmd_export)
 
@@ -88,20 +90,42 @@ def export_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from ironcore.generate import generate
 
-    for text in generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, seed=args.seed):
+    for text in generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                         repetition_penalty=args.repetition_penalty, seed=args.seed):
         print(text)
     return 0
 
 
 def generate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text from an exported model directory")
+    p = sub.add_parser("generate", help="generate text from an exported model directory (decoding: its generation_config)")
     p.add_argument("model_dir")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the export's sampling")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the export's)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the export's)")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens, 0 = all (default: the export's)")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (default: the export's)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from ironcore.plot import plot_run, summary
+
+    out = plot_run(args.run_dir, args.out)
+    for line in summary(args.run_dir):
+        print(line)
+    print(f"plot written to {out}")
+    return 0
+
+
+def plot_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="draw a run's train/eval loss and learning rate against steps (needs ironcore[plot])")
+    p.add_argument("run_dir", help="run directory (trainer.model_path) holding metrics.jsonl")
+    p.add_argument("--out", help="PNG to write (default: RUN_DIR/loss.png)")
+    p.set_defaults(func=cmd_plot)
 
 
 def data_parsers(sub: argparse._SubParsersAction) -> None:
@@ -111,7 +135,7 @@ def data_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    train_parser, data_parsers, config_parser, export_parser, generate_parser,
+    train_parser, data_parsers, config_parser, export_parser, generate_parser, plot_parser,
 ]
 
 

@@ -1,4 +1,5 @@
-"""Hugging Face exports: the trained model as an IronCore, GPT-2 or LLaMA directory, plus its tokenizer.
+"""Hugging Face exports: the trained model as an IronCore, GPT-2, LLaMA, Mistral or Qwen2 directory, or in the
+architecture of the checkpoint a run was fine-tuned from (`source`), plus its tokenizer.
 
 An export is what `AutoModelForCausalLM.from_pretrained(dir)` and `pipeline("text-generation")` load:
 safetensors weights, config.json, generation_config.json and the tokenizer files.
@@ -6,6 +7,7 @@ safetensors weights, config.json, generation_config.json and the tokenizer files
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Arch = Literal["ironcore", "gpt2", "llama"]
+Arch = Literal["ironcore", "gpt2", "llama", "mistral", "qwen2", "source"]
 # What `save_pretrained` of a tokenizer always writes; without either, AutoTokenizer would guess from config.json
 # (and, for a remote-code model, stop to ask on stdin whether to run it).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -46,21 +48,36 @@ def save_hf(accelerator: Accelerator, model: torch.nn.Module, tokenizer: PreTrai
     accelerator.wait_for_everyone()
 
 
-def write_export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, arch: Arch = "ironcore") -> Path:
-    """Write a loaded `model`, converted to a native architecture when asked, with its tokenizer."""
-    from ironcore.models import ironcore_to_gpt2, ironcore_to_llama, trim_vocab_padding
+def write_export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, arch: Arch = "ironcore",
+                 source_config: dict | None = None) -> Path:
+    """Write a loaded `model`, converted to a native architecture when asked (`source`: the one of
+    `source_config`, the config.json of the checkpoint it was fine-tuned from), with its tokenizer."""
+    from ironcore.models import ironcore_to_gpt2, ironcore_to_llama, ironcore_to_mistral, ironcore_to_qwen2
+    from ironcore.models import trim_vocab_padding
+    from ironcore.models.conversion import ironcore_to_source
 
-    native = {"ironcore": trim_vocab_padding, "gpt2": ironcore_to_gpt2, "llama": ironcore_to_llama}[arch](model)
+    if arch == "source":
+        native = ironcore_to_source(model, source_config)
+    else:
+        native = {"ironcore": trim_vocab_padding, "gpt2": ironcore_to_gpt2, "llama": ironcore_to_llama,
+                  "mistral": ironcore_to_mistral, "qwen2": ironcore_to_qwen2}[arch](model)
     write_hf(native, tokenizer, out_dir)
     logger.info("Exported %s model to %s", arch, out_dir)
     return out_dir
 
 
+# The export's default decoding (generation_config.json), what `ironcore generate`, `pipeline` and `model.generate`
+# use unless told otherwise: greedy decoding of a small model repeats its most likely token (a run of newlines after
+# a few hundred steps), while mild sampling with a repetition penalty reads like the corpus.
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.2}
+
+
 def write_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-    """save_pretrained (safetensors) + generation config + tokenizer."""
+    """save_pretrained (safetensors) + generation config (token ids, SAMPLING_DEFAULTS) + tokenizer."""
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        **SAMPLING_DEFAULTS,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -163,20 +180,55 @@ def check_out_dir(out_dir: Path) -> None:
             return
 
 
-def export(src: Path, out_dir: Path, arch: Arch = "ironcore", push_to_hub: str | None = None) -> Path:
-    """Re-export a finished run, one of its checkpoints, or an IronCore / GPT-2 / LLaMA model dir as `arch`,
-    optionally uploading it."""
+def run_config_file(src: Path) -> Path | None:
+    """The config.yaml of the run behind `src` (a run directory or one of its checkpoints); None for a model dir."""
+    if is_checkpoint(src):
+        return src.parent.parent / "config.yaml"
+    return src / "config.yaml" if (src / "config.yaml").is_file() else None
+
+
+def pretrained_source_config(config_file: Path) -> dict | None:
+    """The config.json of the checkpoint a run was fine-tuned from (its config.yaml's `init.from_pretrained`),
+    None when it started from scratch."""
+    from ironcore.config.load import read_yaml
+    from ironcore.models.conversion import pretrained_dir
+
+    if not config_file.is_file():
+        return None  # a checkpoint without its run's config.yaml: load_checkpoint_model names the problem
+    source = (read_yaml(config_file).get("init") or {}).get("from_pretrained")
+    if not source:
+        return None
+    path = pretrained_dir(source) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: the source checkpoint's config.json does not read ({err})") from None
+
+
+def export(src: Path, out_dir: Path, arch: Arch | None = None, push_to_hub: str | None = None) -> Path:
+    """Re-export a finished run, one of its checkpoints, or a model dir of a supported type as `arch`, optionally
+    uploading it. `arch` None: `source` for a run fine-tuned from a checkpoint, else `ironcore`. `source` of a plain
+    model directory is its own type."""
     from ironcore.models import load_pretrained
 
     src, out_dir = Path(src), Path(out_dir)
     check_out_dir(out_dir)
+    config_file = run_config_file(src)
+    source_config = pretrained_source_config(config_file) if config_file and arch in (None, "source") else None
+    if arch is None:
+        arch = "source" if source_config is not None else "ironcore"
     if is_checkpoint(src):
         model, tokenizer = load_checkpoint_model(src)
     else:
         source = export_source(src)
         model = load_pretrained(source)
         tokenizer = load_model_dir_tokenizer(source)
-    write_export(model, tokenizer, out_dir, arch=arch)
+        if arch == "source" and config_file is None:  # a plain model directory: its own architecture
+            source_config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    if arch == "source" and source_config is None:
+        raise CheckpointError(f"{src}: --arch source needs the run's init.from_pretrained, and this run started "
+                              "from scratch; use --arch ironcore, gpt2, llama, mistral or qwen2")
+    write_export(model, tokenizer, out_dir, arch=arch, source_config=source_config)
     if push_to_hub:
         push(out_dir, push_to_hub)
     return out_dir

@@ -139,8 +139,8 @@ def _sharding(run: RunConfig, env: LaunchEnv, plan: BatchPlan) -> Sharding:
 
 def explain(run: RunConfig, env: LaunchEnv) -> dict:
     """Everything a launch of `run` in `env` would use, as a JSON-able dict: batch arithmetic, Accelerator
-    arguments, what trainer.torch_compile compiles, DeepSpeed JSON, FSDP settings, conversions made, and the
-    size/FLOPs/memory estimate."""
+    arguments, what trainer.torch_compile compiles, DeepSpeed JSON, FSDP settings, conversions made, the
+    size/FLOPs/memory estimate, and the model fields taken from a pretrained checkpoint."""
     check_supported(run, env)
     settings = accelerator_settings(run, env)
     plan = batch_plan(run)
@@ -167,4 +167,19 @@ def explain(run: RunConfig, env: LaunchEnv) -> dict:
         "fsdp": fsdp_settings(run, env),
         "notes": notes(run, env),
         "estimate": estimate(run, _sharding(run, env, plan)),
+        "model_from_checkpoint": model_from_checkpoint(run),
     }
+
+
+def model_from_checkpoint(run: RunConfig) -> dict | None:
+    """With `init.from_pretrained`: each model / data field config resolution took from the checkpoint or the
+    config, its value and where it came from (None when nothing was derived)."""
+    sources = run.derived.model_sources
+    if sources is None:
+        return None
+    values = {name: getattr(getattr(run, name.split(".")[0]), name.split(".")[1]) for name in sources
+              if name.count(".") == 1}
+    values |= {name: getattr(run.model.positional_embedding, name.rsplit(".", 1)[1]) for name in sources
+               if name.startswith("model.positional_embedding.")}
+    return {"source": run.init.from_pretrained,
+            "fields": {name: {"value": values[name], "from": origin} for name, origin in sources.items()}}

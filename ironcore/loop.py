@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ironcore.checkpoint import (
     CHECKPOINTS_DIR, MODEL_CONFIG_KEY, find_resume_checkpoint, load_checkpoint, save_checkpoint, set_aside,
@@ -74,8 +75,9 @@ def train(run: RunConfig) -> Path:
             set_aside_logs(loop)
     accelerator.init_trackers(tracker_project_name(run), config=flat_config(run), init_kwargs=tracker_init_kwargs(run))
     try:
-        if loop.run(step, iter(loader), loader):
-            loop.test()
+        with logging_redirect_tqdm():  # log lines print above the progress bar instead of through it
+            if loop.run(step, iter(loader), loader):
+                loop.test()
         export_dir = out / "export"
         save_hf(accelerator, model, tokenizer, export_dir)
         release_engine(accelerator, model)

@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
+import accelerate.utils.other
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin, FullyShardedDataParallelPlugin
 from accelerate.parallelism_config import ParallelismConfig
@@ -460,6 +462,7 @@ def build_accelerator(run: RunConfig, env: LaunchEnv | None = None) -> Accelerat
     """
     env = env or LaunchEnv.from_environ()
     check_supported(run, env)
+    unwrap_without_importing_deepspeed()
     if env.rank == 0:
         for note in notes(run, env):
             logger.warning(note)
@@ -480,6 +483,17 @@ def build_accelerator(run: RunConfig, env: LaunchEnv | None = None) -> Accelerat
             "see ironcore config --write-accelerate-config)"
         )
     return accelerator
+
+
+def unwrap_without_importing_deepspeed() -> None:
+    """Keep deepspeed unimported on runs that do not use it.
+
+    Accelerate's `unwrap_model` (also behind `get_state_dict`) imports deepspeed whenever it is installed, only to
+    test `isinstance(model, DeepSpeedEngine)`; the import costs about a second and logs "Setting accelerator to
+    CPU. If you have GPU ..." on stdout. No model can be a DeepSpeedEngine before deepspeed is imported (a
+    DeepSpeed run imports it in `prepare`), so "already imported" answers that question exactly.
+    """
+    accelerate.utils.other.is_deepspeed_available = lambda: "deepspeed" in sys.modules
 
 
 def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:

@@ -147,15 +147,15 @@ def slow_preprocess(tmp: str, tok_dir: str, data_file: str, signal_file: str) ->
 
     from ironcore.data import load_tokenizer, prepare_data, pretrain
 
-    original = pretrain._blocks
+    original = pretrain._encode
 
-    def hanging(batch, **kw):
-        out = original(batch, **kw)
+    def hanging(texts, **kw):
+        out = original(texts, **kw)
         Path(signal_file).write_text("tokenizing")
         time.sleep(600)
         return out
 
-    pretrain._blocks = hanging
+    pretrain._encode = hanging
     run = make_run(Path(tmp), "pretrain", [spec(data_file)], tok_dir)
     prepare_data(run, load_tokenizer(run))
 

@@ -63,3 +63,29 @@ def test_resume_trials_ci_mode_reports_every_trial_bitwise(tmp_path):
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
     assert [line.split("|")[-3].strip() for line in rows] == ["yes", "yes"]
     assert proc.stdout.splitlines()[-1] == "2/2 bitwise"
+
+
+def test_preprocess_benchmark_ci_mode_reports_both_implementations(tmp_path):
+    """benchmarks/preprocess.py --short (issue 16): ironcore and the datasets.map baseline at 1 and 2 workers, the
+    same stdlib corpus, table and JSON agree, ironcore's blocks identical for both worker counts; never a speed."""
+    out = tmp_path / "preprocess.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "preprocess.py"), "--short", "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = [(r["implementation"], r["workers"]) for r in report["rows"]]
+    assert rows == [("ironcore", 1), ("datasets_map", 1), ("ironcore", 2), ("datasets_map", 2)]
+    assert report["identical_blocks"] and report["corpus_bytes"] >= 1e6
+    for r in report["rows"]:
+        assert r["tokens"] > 0 and r["tokens"] % report["seq"] == 0 and r["cpu_seconds"] > 0
+        assert abs(r["mb_per_sec"] * r["seconds"] - report["corpus_bytes"] / 1e6) < 1e-6
+    # ironcore adds one EOS a document and drops one partial block a split: the same text gives nearly the same tokens
+    ironcore, baseline = report["rows"][0]["tokens"], report["rows"][1]["tokens"]
+    assert 1.0 <= ironcore / baseline < 1.05
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [(line.split("|")[1].strip(), int(line.split("|")[2])) for line in table] == rows
+    for name, ratio in report["scaling"].items():
+        assert f"{name}: 2 workers / 1: {ratio:.2f}x MB/s" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "ironcore blocks identical for every worker count: yes"

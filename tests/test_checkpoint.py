@@ -357,3 +357,35 @@ def test_ddp_checkpoint_resumes_on_one_process(ddp_run, caplog):
     assert "saved by 2 process(es) with 1" in caplog.text
     assert state["world_size"] == 2
     assert flat_params(model) == results[0]["loaded_params"]
+
+
+def test_tied_weights_save_without_the_shared_tensor_warning_and_reload_tied(tmp_path, caplog):
+    """A real IronCore model with a tied lm_head: the checkpoint stores the tensor once, under the embedding's name
+    (as save_pretrained does), accelerate logs no "Removed shared tensor", and a reload keeps the two tied."""
+    from safetensors import safe_open
+    from helpers_model import tiny_config
+
+    from ironcore.models import IronCoreForCausalLM
+
+    def tied_model(seed: int):
+        torch.manual_seed(seed)
+        accelerator = Accelerator(cpu=True)
+        model = IronCoreForCausalLM(tiny_config())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return accelerator, *accelerator.prepare(model, optimizer)
+
+    accelerator, model, _ = tied_model(0)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    with caplog.at_level(logging.WARNING):
+        ckpt = save_checkpoint(accelerator, tmp_path, 1, train_state(1), keep_last=None)
+    assert not [r for r in caplog.records if "shared tensor" in r.getMessage()]
+    with safe_open(ckpt / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.weight" not in keys and len(keys) == len(dict(model.named_parameters()))
+    saved = model.lm_head.weight.detach().clone()
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator, reloaded, _ = tied_model(1)
+    load_checkpoint(accelerator, ckpt, load_optim_state=True, load_lr_scheduler=True, model_config=MODEL_CONFIG)
+    assert reloaded.lm_head.weight is reloaded.get_input_embeddings().weight
+    assert torch.equal(reloaded.lm_head.weight, saved)

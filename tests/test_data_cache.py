@@ -158,35 +158,43 @@ def test_concurrent_callers_build_once(tmp_path, default_tok_dir, calls):
     assert results[0] == results[1] == results[2]
 
 
-def test_worker_processes(tmp_path, default_tok_dir, calls):
-    """SFT rows do not depend on the worker count; pretrain blocks do, so the count is part of their key."""
+def test_worker_processes(tmp_path, default_tok_dir, calls, monkeypatch):
+    """Neither SFT rows nor pretrain blocks depend on the worker count (blocks are cut from the split's whole token
+    stream), so the count is not part of the key: a build with 2 workers reuses one built with 1."""
     data = write_jsonl(tmp_path / "c.jsonl", chat_rows(40))
     one = build(make_run(tmp_path / "one", "sft", [spec(data)], default_tok_dir, pack_sequences=True))
     two = build(make_run(tmp_path / "two", "sft", [spec(data)], default_tok_dir, pack_sequences=True, num_workers=2))
     assert one.train["input_ids"] == two.train["input_ids"] and one.train["labels"] == two.train["labels"]
+    monkeypatch.setattr(pretrain, "CHUNK_CHARS", 500)  # about 20 chunks for the workers to share
     text = write_jsonl(tmp_path / "t.jsonl", text_rows(40))
-    build(make_run(tmp_path, "pretrain", [spec(text)], default_tok_dir))
-    calls.update(load=0)
-    blocks = build(make_run(tmp_path, "pretrain", [spec(text)], default_tok_dir, num_workers=2)).train
-    assert calls["load"] == 1 and len(blocks) > 0 and set(map(len, blocks["input_ids"])) == {64}
+    one = build(make_run(tmp_path / "one", "pretrain", [spec(text)], default_tok_dir)).train
+    two = build(make_run(tmp_path / "two", "pretrain", [spec(text)], default_tok_dir, num_workers=2)).train
+    assert len(one) > 0 and one["input_ids"] == two["input_ids"]
+    calls.update(load=0, map=0)
+    again = build(make_run(tmp_path / "one", "pretrain", [spec(text)], default_tok_dir, num_workers=2)).train
+    assert calls == {"load": 0, "map": 0} and again["input_ids"] == one["input_ids"]
 
 
 def test_num_workers_tokenize_in_that_many_processes(tmp_path, default_tok_dir, monkeypatch):
-    """`data.num_workers: 2` reaches `datasets.map` as num_proc: two worker processes (not this one) tokenize."""
+    """`data.num_workers: 2`: two worker processes (not this one) tokenize, SFT through `datasets.map`'s num_proc,
+    pretrain through IronCore's pool, each pretrain worker with the tokenizer's own threads off."""
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
 
-    def recording(real):
+    def recording(real, pause=0.0):
         def batch_fn(*args, **kwargs):
-            (pid_dir / f"{real.__module__}-{os.getpid()}").touch()
+            (pid_dir / f"{real.__module__}-{os.getpid()}").write_text(os.environ.get("TOKENIZERS_PARALLELISM", ""))
+            time.sleep(pause)  # a worker that finishes at once could take every chunk before the other starts
             return real(*args, **kwargs)
         return batch_fn
 
     monkeypatch.setattr(sft, "_sft_batch", recording(sft._sft_batch))
-    monkeypatch.setattr(pretrain, "_blocks", recording(pretrain._blocks))
+    monkeypatch.setattr(pretrain, "_encode", recording(pretrain._encode, pause=0.2))
+    monkeypatch.setattr(pretrain, "CHUNK_CHARS", 300)
     build(make_run(tmp_path, "sft", [spec(write_jsonl(tmp_path / "c.jsonl", chat_rows(8)))], default_tok_dir, num_workers=2))
     build(make_run(tmp_path, "pretrain", [spec(write_jsonl(tmp_path / "t.jsonl", text_rows(8)))], default_tok_dir,
                    num_workers=2))
     for module in ("ironcore.data.sft", "ironcore.data.pretrain"):
         pids = {int(p.name.rpartition("-")[2]) for p in pid_dir.glob(f"{module}-*")}
         assert len(pids) == 2 and os.getpid() not in pids, (module, pids)
+    assert {p.read_text() for p in pid_dir.glob("ironcore.data.pretrain-*")} == {"false"}

@@ -315,3 +315,18 @@ def test_empty_answers_and_identical_pairs_are_skipped_counted_and_shown(tmp_pat
     out = capsys.readouterr().out
     assert out.startswith("dpo: 4 train rows") and "prefs: 6 input rows; ok 4, identical_pair 2" in out
     assert "skipped 2 rows (identical_pair)" in caplog.text
+
+
+def test_inspect_shows_the_stored_token_type_and_bytes_per_token(tmp_path, default_tok_dir, capsys):
+    """Issue 16: pretrain blocks of a 768-id vocabulary are uint16; --inspect prints the bytes per token on disk."""
+    rows = [{"text": " ".join(f"doc{i} word{j}" for j in range(40))} for i in range(60)]
+    data = write_jsonl(tmp_path / "t.jsonl", rows)
+    config = write_config(tmp_path, default_tok_dir, None, task_type="pretrain",
+                          train_datasets=[{"name": "t", "dataset_path": str(data)}])
+    assert main(["preprocess", config, "--inspect"]) == 0
+    out = capsys.readouterr().out
+    (entry,) = (tmp_path / "cache" / "preprocessed").glob("t-*")
+    tokens = {split: len(datasets.load_from_disk(str(entry / split))) * 64 for split in ("train", "eval")}
+    stored = {split: sum(f.stat().st_size for f in (entry / split).glob("*.arrow")) / tokens[split] for split in tokens}
+    assert f"t: tokens stored as uint16; bytes per token on disk: train {stored['train']:.3f}, eval {stored['eval']:.3f}" in out
+    assert 2 < stored["train"] < 2.2

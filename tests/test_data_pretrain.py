@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
+import datasets
+import torch
 from helpers_data import (  # noqa: F401
     default_tok_dir_fixture,
     default_tok_fixture,
@@ -14,8 +17,12 @@ from helpers_data import (  # noqa: F401
     text_rows,
     write_jsonl,
 )
+from transformers import AutoTokenizer
 
-from ironcore.data import build_train_loader, load_tokenizer, prepare_data
+from ironcore.data import build_train_loader, load_tokenizer, prepare_data, pretrain
+from ironcore.data import prepare as prepare_module
+
+OLD_FEATURE = datasets.List(datasets.Value("int32"))  # cache version 2's pretrain blocks
 
 
 def test_blocks_are_seq_length_and_documents_end_with_eos(tmp_path, default_tok_dir):
@@ -70,3 +77,63 @@ def test_split_by_document_before_blocks(tmp_path, default_tok_dir):
     info = prepared.stats["datasets"]["t"]
     assert info["status"] == {"documents": 100}
     assert info["splits"]["train"]["fill"] == 1.0 and info["splits"]["train"]["trained_ratio"] == 1.0
+
+
+def test_blocks_are_stored_as_uint16_and_loaded_as_int64(tmp_path, default_tok_dir):
+    """Issue 16: a vocabulary under 65,536 ids stores 2 bytes a token (fixed-size lists, no offsets); the model
+    still gets int64."""
+    rows = text_rows(40, words=12)
+    run = make_run(tmp_path, "pretrain", [spec(write_jsonl(tmp_path / "t.jsonl", rows))], default_tok_dir, seq_length=48)
+    tokenizer = load_tokenizer(run)
+    prepared = prepare_data(run, tokenizer)
+    column = prepared.train.data.column("input_ids")
+    assert str(column.type) == "fixed_size_list<item: uint16>[48]"
+    info = next(iter(prepared.stats["datasets"].values()))
+    assert info["token_dtype"] == "uint16" and info["cache_version"] == prepare_module.CACHE_VERSION
+    train = info["splits"]["train"]
+    assert 2 * train["tokens"] < train["bytes"] < 2 * train["tokens"] + 1024  # + the Arrow file's schema and footer
+    batch = next(iter(build_train_loader(prepared.train, run, rank=0, tokenizer=tokenizer)))
+    assert batch["input_ids"].dtype == torch.int64 and batch["labels"].dtype == torch.int64
+    assert batch["input_ids"].tolist() == [prepared.train[i]["input_ids"] for i in batch["sample_ids"].tolist()]
+
+
+def test_vocabulary_over_65536_ids_is_stored_as_uint32(tmp_path, default_tok_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(default_tok_dir))
+    tokenizer.add_tokens([f"<x{i}>" for i in range(2**16)])
+    big = tmp_path / "big_tok"
+    tokenizer.save_pretrained(str(big))
+    top = f"<x{2**16 - 1}>"
+    rows = [{"text": f"{r['text']} {top}"} for r in text_rows(20, words=12)]
+    run = make_run(tmp_path, "pretrain", [spec(write_jsonl(tmp_path / "t.jsonl", rows))], big, seq_length=48,
+                   vocab_size=len(tokenizer))
+    prepared = prepare_data(run, load_tokenizer(run))
+    assert str(prepared.train.data.column("input_ids").type) == "fixed_size_list<item: uint32>[48]"
+    top_id = tokenizer.convert_tokens_to_ids(top)
+    assert top_id >= 2**16 and top_id in itertools.chain.from_iterable(prepared.train["input_ids"])
+
+
+def test_cache_of_an_earlier_version_is_rebuilt_with_a_log_line(tmp_path, default_tok_dir, monkeypatch, caplog):
+    """An entry of cache version 2 (int32 lists with offsets) is not read: the same inputs build a version-3 entry
+    with the same tokens, and the log names the old folder."""
+    rows = text_rows(40, words=12)
+    run = make_run(tmp_path, "pretrain", [spec(write_jsonl(tmp_path / "t.jsonl", rows))], default_tok_dir, seq_length=48)
+    tokenizer = load_tokenizer(run)
+    with monkeypatch.context() as old:
+        old.setattr(prepare_module, "CACHE_VERSION", 2)
+        old.setattr(pretrain, "token_dtype", lambda tok: "int32")
+        old.setattr(pretrain, "block_features", lambda dtype, seq: datasets.Features({"input_ids": OLD_FEATURE}))
+        before = prepare_data(run, tokenizer)
+    assert str(before.train.data.column("input_ids").type) == "list<item: int32>"
+    with caplog.at_level(logging.INFO, logger="ironcore.data.prepare"):
+        after = prepare_data(run, tokenizer)
+    assert str(after.train.data.column("input_ids").type) == "fixed_size_list<item: uint16>[48]"
+    assert after.train["input_ids"] == before.train["input_ids"]
+    old_dir, new_dir = sorted((tmp_path / "cache" / "preprocessed").glob("t-*"), key=lambda p: p.stat().st_mtime)
+    assert (old_dir / "COMPLETE.json").is_file() and (new_dir / "COMPLETE.json").is_file()
+    rebuilt = [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()]
+    assert rebuilt == [f"data.train_datasets[0] 't': rebuilding; {old_dir} was built by cache version 2 "
+                       "(this is version 3) and can be deleted"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ironcore.data.prepare"):
+        prepare_data(run, tokenizer)
+    assert not [r for r in caplog.records if "rebuilding" in r.getMessage()]

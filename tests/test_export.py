@@ -144,3 +144,16 @@ def test_generating_past_the_models_context_is_one_line(finished, capsys):
     assert code == 2 and len(errors) == 1, errors
     assert "--max-new-tokens 64" in errors[0] and "context of 64 positions" in errors[0]
     assert cli_errors(["generate", str(finished / "export"), "--prompt", "def ", "--max-new-tokens", "8"], capsys) == (0, [])
+
+
+def test_arch_source_of_a_run_from_scratch_and_arch_the_model_cannot_be(finished, tmp_path, capsys):
+    """`--arch source` needs a run fine-tuned from a checkpoint; a GPT-2-shaped run is no Mistral or Qwen2. One line
+    each, nothing written. (Runs from a checkpoint export as its source: tests/test_models_hub.py.)"""
+    out = tmp_path / "out"
+    code, errors = cli_errors(["export", str(finished), "--out", str(out), "--arch", "source"], capsys)
+    assert code == 2 and len(errors) == 1 and "--arch source needs the run's init.from_pretrained" in errors[0], errors
+    for arch, target in (("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM")):
+        code, errors = cli_errors(["export", str(finished), "--out", str(out), "--arch", arch], capsys)
+        assert code == 2 and len(errors) == 1, errors
+        assert f"cannot convert to {target}: model.positional_embedding.type=absolute (needs rope)" in errors[0]
+    assert not out.exists()

@@ -14,7 +14,19 @@ import torch
 import yaml
 from helpers_model import GPT2_LIKE, LLAMA_LIKE, one_thread, tiny_config, tiny_run  # noqa: F401
 from helpers_train import cli_errors, example_overrides
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from ironcore.config import config_from_dict, load_config
 from ironcore.errors import CheckpointError, ConfigError
@@ -25,6 +37,8 @@ from ironcore.models import (
     gpt2_to_ironcore,
     ironcore_to_gpt2,
     ironcore_to_llama,
+    ironcore_to_mistral,
+    ironcore_to_qwen2,
     llama_to_ironcore,
     load_pretrained,
     trim_vocab_padding,
@@ -360,7 +374,7 @@ def test_directories_that_are_not_models(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(CheckpointError, match="model_type 'bert' is not one of ironcore, gpt2, llama"):
+    with pytest.raises(CheckpointError, match=r"model_type 'bert' is not supported \(supported: ironcore, gpt2, llama, mistral, qwen2\)"):
         load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(IronCoreConfig().to_json_string())
     with pytest.raises(CheckpointError, match="no model.safetensors"):
@@ -421,3 +435,114 @@ def test_training_from_a_corrupt_pretrained_dir_is_one_line(tmp_path, capsys):
     code, errors = cli_errors(args, capsys)
     assert code == 2 and len(errors) == 1 and str(blamed) in errors[0], errors
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "export").exists()
+
+
+# ------------------------------------------------------------------------------------------------ families
+
+SMALL = dict(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             head_dim=8, max_position_embeddings=64, initializer_range=0.2, bos_token_id=None, eos_token_id=None)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+FAMILIES = {
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=60, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                               initializer_range=0.2, bos_token_id=None, eos_token_id=None)),
+    # distilgpt2: GPT-2 with half the layers, an explicit n_inner and the exact-erf gelu
+    "distilgpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=60, n_positions=32, n_embd=32, n_layer=3, n_head=2,
+                                                     n_inner=96, activation_function="gelu", initializer_range=0.2,
+                                                     bos_token_id=None, eos_token_id=None)),
+    "llama2": lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=False)),
+    "llama-linear-scaling": lambda: LlamaForCausalLM(LlamaConfig(
+        **SMALL, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0})),
+    "llama3.1-untied": lambda: LlamaForCausalLM(LlamaConfig(
+        **SMALL, num_key_value_heads=2, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)),
+    "llama3.2-tied": lambda: LlamaForCausalLM(LlamaConfig(
+        **SMALL, num_key_value_heads=1, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=None)),
+    "mistral-window-covers-all": lambda: MistralForCausalLM(MistralConfig(**SMALL, num_key_value_heads=4, sliding_window=64)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=True)),
+}
+BACK = {"gpt2": ironcore_to_gpt2, "llama": ironcore_to_llama, "mistral": ironcore_to_mistral,
+        "qwen2": ironcore_to_qwen2}
+
+
+def family(name: str):
+    torch.manual_seed(0)
+    return FAMILIES[name]().eval()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_loads_with_transformers_logits_and_converts_back(tmp_path, name):
+    """save_pretrained -> load_pretrained: the same logits as transformers (fp32); back to its class bit for bit."""
+    native = family(name)
+    native.save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path).eval()
+    x = ids(length=30)
+    torch.testing.assert_close(model(x).logits, native(x).logits, **TOL)
+    back = BACK[native.config.model_type](model)
+    assert type(back) is type(native) and back.config.tie_word_embeddings == native.config.tie_word_embeddings
+    assert_same_weights(back, native)
+    torch.testing.assert_close(back(x).logits, native(x).logits, atol=0, rtol=0)
+
+
+def test_llama3_scaling_matches_transformers_in_every_band():
+    """The llama3 rope has three bands (kept, blended, divided by the factor); all appear and match transformers."""
+    native = family("llama3.1-untied")
+    rotary = llama_to_ironcore(native).model.rotary_emb
+    ours = rotary.inv_freq(torch.device("cpu"))
+    torch.testing.assert_close(ours, native.model.rotary_emb.inv_freq, atol=0, rtol=1e-6)
+    plain = 1.0 / 500000.0 ** (torch.arange(0, 8, 2, dtype=torch.float) / 8)
+    ratios = (plain / ours).tolist()
+    assert ratios[0] == pytest.approx(1.0) and ratios[-1] == pytest.approx(8.0)
+    assert any(1.0 + 1e-3 < r < 8.0 - 1e-3 for r in ratios), ratios
+
+
+def test_qwen2_layout_is_qkv_bias_only():
+    model = llama_to_ironcore(family("qwen2"))
+    attention = model.model.layers[0].self_attn
+    assert model.config.spec_fields()["model.no_bias"] and model.config.qkv_bias
+    assert attention.q_proj.bias is not None and attention.v_proj.bias is not None and attention.o_proj.bias is None
+    assert model.model.layers[0].mlp.up_proj.bias is None
+    with pytest.raises(ConfigError, match=r"cannot convert to LlamaForCausalLM: model.no_bias=true, "
+                                          r"model.qkv_bias=true \(needs model.no_bias=false or model.no_bias=true"):
+        ironcore_to_llama(model)
+    with pytest.raises(ConfigError, match=r"cannot convert to GPT2LMHeadModel: .*model.no_bias=true"):
+        ironcore_to_gpt2(model)
+    with pytest.raises(ConfigError, match=r"cannot convert to Qwen2ForCausalLM: model.no_bias=true with "
+                                          r"model.qkv_bias unset \(needs model.no_bias=true, model.qkv_bias=true\)"):
+        ironcore_to_qwen2(ironcore(pe="rope", head_dim=16, **LLAMA_LIKE))
+
+
+def save(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    return path
+
+
+def one_line(call) -> str:
+    with pytest.raises((CheckpointError, ConfigError)) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_what_the_families_cannot_express_is_refused_naming_the_field(tmp_path):
+    short_window = MistralForCausalLM(MistralConfig(**SMALL, num_key_value_heads=4, sliding_window=16))
+    message = one_line(lambda: load_pretrained(save(short_window, tmp_path / "mistral")))
+    assert "sliding_window: a 16-token sliding window is shorter than the 64-token sequences" in message
+    assert "model.max_seq_len <= 16" in message
+    # trained on sequences no longer than the window, it computes exactly what Mistral does
+    x = ids(length=16)
+    torch.testing.assert_close(llama_to_ironcore(short_window.eval(), 16)(x).logits, short_window(x).logits, **TOL)
+    qwen_window = Qwen2ForCausalLM(
+        Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=16, max_window_layers=1))
+    message = one_line(lambda: load_pretrained(save(qwen_window, tmp_path / "qwen2")))
+    assert "use_sliding_window / layer_types: a 16-token sliding window" in message
+    mixed_bias = LlamaForCausalLM(LlamaConfig(**SMALL, attention_bias=True, mlp_bias=False))
+    message = one_line(lambda: load_pretrained(save(mixed_bias, tmp_path / "bias")))
+    assert "attention_bias=True with mlp_bias=False" in message
+    yarn = LlamaForCausalLM(LlamaConfig(**SMALL, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "original_max_position_embeddings": 32}))
+    assert "rope_parameters.rope_type=yarn" in one_line(lambda: load_pretrained(save(yarn, tmp_path / "yarn")))
+    qk_norm = Qwen3ForCausalLM(Qwen3Config(**SMALL))  # q/k norms: a model type IronCore does not load
+    message = one_line(lambda: load_pretrained(save(qk_norm, tmp_path / "qwen3")))
+    assert "model_type 'qwen3' is not supported (supported: ironcore, gpt2, llama, mistral, qwen2)" in message

@@ -6,6 +6,7 @@ on held-out pairs. Full length (400 / 300 / 200 steps) they take about 50 / 90 /
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,20 +55,36 @@ def test_dpo_quickstart_prefers_chosen_on_held_out_pairs(tmp_path):
     assert series(records, "eval/reward_margin")[30] > 0
 
 
-def test_readme_quickstart_script_trains_exports_and_generates(tmp_path):
+def test_readme_quickstart_script_trains_exports_generates_and_plots(tmp_path):
     """`bash examples/quickstart.sh` as the README's main command runs it, shortened by its override arguments, from
-    a copy of examples/ so the run lands in the copy's runs/quickstart; presets come from the installed package."""
+    a copy of examples/ so the run lands in the copy's runs/quickstart; presets come from the installed package.
+    It prints what was learned, a sample and the plot's path, and its logs are quiet: no DeepSpeed import on a run
+    without it, no shared-tensor warning per checkpoint, no warning a user could not act on, and no log line
+    written into the progress bar's line."""
     examples = tmp_path / "examples"
     examples.mkdir()
     for name in ("quickstart.sh", "pretrain.yaml"):
         shutil.copy(REPO / "examples" / name, examples / name)
     env = {**os.environ, "IRONCORE_CACHE": str(CACHE), "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    script = ["bash", str(examples / "quickstart.sh"), *short(30), "optim.warmup_steps=5"]
+    script = ["bash", str(examples / "quickstart.sh"), *short(30), "optim.warmup_steps=5", "trainer.log_interval=5"]
     result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     export = tmp_path / "runs" / "quickstart" / "export"
     assert (export / "model.safetensors").is_file()
     assert result.stdout.count("model exported to") == 1
-    [sample] = [line for line in result.stdout.splitlines() if line.startswith("The return value of")]
-    assert len(sample) > len("The return value of")
+    sample = result.stdout.split("---\n")[1]  # between the script's "--- a sample ... ---" and "---" lines
+    assert sample.startswith("The return value of") and len(sample.split()) > len("The return value of".split())
     assert max(r["step"] for r in read_metrics(tmp_path / "runs" / "quickstart")) == 30
+    *_, learned, evaluated, plotted = result.stdout.splitlines()
+    assert re.fullmatch(r"train loss (\d+\.\d+) at step 5 -> (\d+\.\d+) at step 30", learned), learned
+    first, last = map(float, re.findall(r"\d+\.\d+", learned))
+    assert last < first - 0.5
+    assert re.fullmatch(r"eval loss \d+\.\d+, perplexity \d+\.\d at step 30", evaluated), evaluated
+    assert plotted == "plot written to runs/quickstart/loss.png"
+    assert (tmp_path / "runs" / "quickstart" / "loss.png").read_bytes().startswith(b"\x89PNG")
+    logs = result.stdout + result.stderr
+    assert "Setting accelerator to CPU" not in logs and "Removed shared tensor" not in logs
+    warnings = [line for line in re.split(r"[\r\n]", result.stderr) if "WARNING" in line]
+    assert all("set trainer.peak_tflops" in line for line in warnings), warnings  # a loaded machine's MFU peak
+    log_lines = [line for line in re.split(r"[\r\n]", result.stderr) if re.search(r" (INFO|WARNING) ", line)]
+    assert log_lines and all(re.match(r"\d{4}-\d\d-\d\d ", line) for line in log_lines), log_lines

@@ -768,6 +768,47 @@ def test_generate_cli_prints_text(pretrain, capsys):
     assert out == expected + "\n" and expected.startswith("def ") and len(expected.strip()) > len("def")
 
 
+def test_generate_samples_with_the_export_generation_config_and_greedy_is_a_switch(pretrain, capsys):
+    """The export's generation_config.json samples (temperature, top-p, repetition penalty); `generate` without
+    flags decodes exactly as plain transformers' `model.generate` does with that config, `--greedy` as
+    `do_sample=False` with the same repetition penalty."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ironcore.export import SAMPLING_DEFAULTS
+    from ironcore.generate import generate
+
+    saved = json.loads((pretrain.export_dir / "generation_config.json").read_text())
+    assert {k: saved[k] for k in SAMPLING_DEFAULTS} == SAMPLING_DEFAULTS and SAMPLING_DEFAULTS["do_sample"]
+    tokenizer = AutoTokenizer.from_pretrained(pretrain.export_dir)
+    model = AutoModelForCausalLM.from_pretrained(pretrain.export_dir).eval()
+    inputs = tokenizer("def ", return_tensors="pt")
+
+    def plain(seed: int, **kwargs) -> str:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return tokenizer.decode(model.generate(**inputs, max_new_tokens=12, **kwargs)[0], skip_special_tokens=True)
+
+    sampled = [generate(pretrain.export_dir, ["def "], max_new_tokens=12, seed=seed)[0] for seed in (1, 2)]
+    assert sampled == [plain(1), plain(2)] and sampled[0] != sampled[1]
+    assert cli.main(["generate", str(pretrain.export_dir), "--prompt", "def ", "--max-new-tokens", "12",
+                     "--greedy"]) == 0
+    greedy = capsys.readouterr().out
+    assert greedy == plain(0, do_sample=False, temperature=None, top_p=None) + "\n"
+    assert greedy == generate(pretrain.export_dir, ["def "], max_new_tokens=12, greedy=True, seed=5)[0] + "\n"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--greedy", "--temperature", "1.0"], "--greedy with --temperature: greedy decoding does not sample"),
+    (["--temperature", "0"], "--temperature 0.0: must be > 0 (use --greedy for greedy decoding)"),
+    (["--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+    (["--top-k", "-1"], "--top-k -1: must be >= 0 (0 turns top-k filtering off)"),
+    (["--repetition-penalty", "0"], "--repetition-penalty 0.0: must be > 0 (1.0 is no penalty)"),
+])
+def test_generate_refuses_contradicting_decoding_flags(pretrain, capsys, flags, message):
+    code, line = run_cli(["generate", str(pretrain.export_dir), "--prompt", "def ", *flags], capsys)
+    assert code == 2 and line.startswith(f"error: {message}")
+
+
 # -------------------------------------------------------------------------------------- trackers, profiling
 
 
@@ -933,3 +974,19 @@ def test_under_dash_m_the_loop_module_is_imported_once(tmp_path):
     assert proc.returncode == 2 and "missing.yaml" in proc.stderr  # the CLI's one-line error, exit code 2
     imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
     assert imported.count("ironcore.loop") == 1 and "ironcore.train" not in imported
+
+
+def test_a_run_without_deepspeed_never_imports_it(tmp_path):
+    """Accelerate's unwrap_model (a checkpoint save, the export) imports an installed deepspeed only for an isinstance
+    check, which logs "Setting accelerator to CPU ..." on stdout; a run that does not use DeepSpeed imports none of it."""
+    pytest.importorskip("deepspeed")
+    overrides = example_overrides(tmp_path / "run", "operation.train_steps=2", "optim.warmup_steps=1",
+                                  "operation.eval_interval=2", "trainer.save_checkpoint_steps=2")
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "ironcore.train",
+                           str(REPO / "examples" / "pretrain.yaml"), *overrides],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoints" / "step_2").is_dir() and (tmp_path / "run" / "export").is_dir()
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "ironcore.loop" in imported and not [name for name in imported if name.split(".")[0] == "deepspeed"]
+    assert "Setting accelerator" not in proc.stdout + proc.stderr

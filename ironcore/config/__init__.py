@@ -25,7 +25,7 @@ def load_config(
 
 def config_from_dict(raw: dict[str, Any], *, world_size: int | None = None) -> RunConfig:
     """Type-check a nested `{group: {field: value}}` mapping and resolve it (used for saved run configs too)."""
-    return resolve(build(RunConfig, raw, ""), world_size)
+    return resolve(build(RunConfig, raw, ""), world_size, given=raw)
 
 
 def config_to_dict(run: RunConfig) -> dict[str, Any]:

@@ -5,8 +5,11 @@ Runs once, after every field has been type-checked, and returns the final frozen
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import fields, replace
+from typing import Any
 
 import torch
 
@@ -15,17 +18,29 @@ from ironcore.models.configuration_ironcore import padded_vocab_size, validate_m
 from ironcore.optim import validate_schedule
 from ironcore.profiling import validate_profiling
 
-from .schema import DataConfig, Derived, ModelConfig, ParallelConfig, RunConfig, TaskType, TrainerConfig
+from .schema import (
+    DataConfig,
+    Derived,
+    ModelConfig,
+    ParallelConfig,
+    PositionalEmbeddingConfig,
+    RunConfig,
+    TaskType,
+    TrainerConfig,
+)
 
 
-def resolve(run: RunConfig, world_size: int | None = None) -> RunConfig:
+def resolve(run: RunConfig, world_size: int | None = None, given: Mapping[str, Any] | None = None) -> RunConfig:
     """Fill what is derived and reject what contradicts itself.
 
     Each derived value is computed here, once, and every stage reads the resolved field: the task type,
-    seq_length, eval batch size and gradient accumulation in their own groups, the rest in `run.derived`.
+    seq_length, eval batch size and gradient accumulation in their own groups, the model group of a pretrained
+    checkpoint, the rest in `run.derived`. `given` is the raw `{group: {field: value}}` the user wrote (None: every
+    field counts as given); with `init.from_pretrained`, the model fields it leaves out come from the checkpoint.
     """
     check_parallel(run)
     parallel = launch_environment(run.parallel, world_size)
+    run, model_sources = model_from_checkpoint(run, given)
     model, tokenizer_field = fold_tokenizer(run.model, run.data)
     trainer, dp_size = batch_arithmetic(run.trainer, parallel.world_size)
     data = resolve_data(run.data, model)
@@ -34,6 +49,7 @@ def resolve(run: RunConfig, world_size: int | None = None) -> RunConfig:
         padded_vocab_size=padded_vocab_size(data.vocab_size, trainer.vocab_padding_unit),
         tokens_per_step=trainer.train_batch_size * data.seq_length,
         tokenizer_field=tokenizer_field,
+        model_sources=model_sources,
     )
     run = replace(run, parallel=parallel, model=model, trainer=trainer, data=data, derived=derived)
     validate_model_config(run.model)
@@ -45,6 +61,116 @@ def resolve(run: RunConfig, world_size: int | None = None) -> RunConfig:
             "start every rank from rank 0's weights; leave it false"
         )
     return run
+
+
+# model fields a fine-tuning run may set freely: they change training, not what the checkpoint computes
+TRAINING_ONLY_MODEL_FIELDS = frozenset({"model.precision", "model.dropout_embd", "model.dropout_attn",
+                                        "model.dropout_mlp", "model.tokenizer_type", "model.vocab_name_or_path"})
+TOKENIZER_FIELDS = ("model.vocab_name_or_path", "data.vocab_name_or_path")
+
+
+def given_fields(given: Mapping[str, Any]) -> set[str]:
+    """Dotted names of the model and data fields the user wrote (nested groups flattened)."""
+    names = set()
+    for group in ("model", "data"):
+        for key, value in (given.get(group) or {}).items():
+            if isinstance(value, Mapping) and key == "positional_embedding":
+                names |= {f"{group}.{key}.{sub}" for sub in value}
+            else:
+                names.add(f"{group}.{key}")
+    return names
+
+
+def _same(a: Any, b: Any) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) or isinstance(b, float) else a == b
+
+
+def model_from_checkpoint(run: RunConfig, given: Mapping[str, Any] | None) -> tuple[RunConfig, dict | None]:
+    """With `init.from_pretrained`: every architecture field, the dropout rates, `data.vocab_size` and (unless
+    set) the tokenizer that the config leaves out, taken from the checkpoint's config.json; a given field that
+    contradicts it is refused naming both values. Returns the run and, per field, where its value came from.
+
+    Nothing is read when the config gives every field (a saved, resolved config does), so re-resolving a run's
+    config.yaml never needs the checkpoint. The rope context (model.max_seq_len of a rope model) is the
+    training context and may be set below the checkpoint's; a learned position table may not."""
+    if not run.init.from_pretrained or given is None:
+        return run, None
+    from ironcore.models.conversion import checkpoint_fields
+
+    written = given_fields(given)
+    if run.model.qkv_bias is None:
+        written.discard("model.qkv_bias")  # null: "as no_bias says", which the checkpoint then says
+    model_fields = {f"model.{f.name}" for f in fields(ModelConfig) if f.name != "positional_embedding"}
+    model_fields |= {f"model.positional_embedding.{f.name}" for f in fields(PositionalEmbeddingConfig)}
+    wanted = (model_fields - TRAINING_ONLY_MODEL_FIELDS) | {"data.vocab_size"}
+    if wanted <= written and any(name in written for name in TOKENIZER_FIELDS):
+        return run, None
+    source = run.init.from_pretrained
+    seq_len = run.model.max_seq_len if "model.max_seq_len" in written else None
+    path, found = checkpoint_fields(source, seq_len)
+    contradictions, values, sources = [], {}, {}
+    free = unchecked_fields(found["model.positional_embedding.type"][0],
+                            found["model.positional_embedding.scaling_type"][0])
+    for name, (value, key) in found.items():
+        where = key if key.startswith("(") else f"(config.json: {key})"
+        origin = f"{source} {where}"
+        if name in written:
+            mine = _normalised(run.model, name, _get(run, name))
+            if name in wanted and name not in free and not _same(mine, value):
+                contradictions.append(f"{name} is {value} there but {mine} in the config {where}")
+            sources[name] = "config"
+        else:
+            values[name] = value
+            sources[name] = origin
+    if contradictions:
+        raise ConfigError(f"init.from_pretrained={source}: the pretrained model does not match the run's model: "
+                          + "; ".join(contradictions))
+    if not any(name in written for name in TOKENIZER_FIELDS):
+        values |= {"model.vocab_name_or_path": str(path), "model.tokenizer_type": "auto"}
+        sources |= {"model.vocab_name_or_path": f"{source} (its tokenizer files)",
+                    "model.tokenizer_type": f"{source} (AutoTokenizer reads its tokenizer files)"}
+    return _with_values(run, values), sources
+
+
+def unchecked_fields(pe_type: str, scaling_type: str) -> set[str]:
+    """Fields a checkpoint does not pin (as `check_same_architecture` skips them): the context of a rope model
+    (model.max_seq_len only sizes a learned position table), rope settings without rope, llama3's without it."""
+    llama3 = {f"model.positional_embedding.{k}"
+              for k in ("low_freq_factor", "high_freq_factor", "original_max_seq_len")}
+    if pe_type != "rope":
+        return {f"model.positional_embedding.{f.name}" for f in fields(PositionalEmbeddingConfig)} - {
+            "model.positional_embedding.type"}
+    return {"model.max_seq_len"} | (llama3 if scaling_type != "llama3" else set())
+
+
+def _normalised(model: ModelConfig, name: str, value: Any) -> Any:
+    """A given value as the checkpoint states it: no KV groups is MHA, an unset qkv_bias follows no_bias."""
+    if name == "model.num_attention_groups" and value is None:
+        return model.num_attention_heads
+    if name == "model.qkv_bias" and value is None:
+        return not model.no_bias
+    return value
+
+
+def _get(run: RunConfig, name: str) -> Any:
+    value: Any = run
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _with_values(run: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """`run` with dotted `model.*` / `data.*` fields replaced (spec field values: qkv_bias and the rest)."""
+    model = {k.removeprefix("model."): v for k, v in values.items()
+             if k.startswith("model.") and not k.startswith("model.positional_embedding.")}
+    pe = {k.removeprefix("model.positional_embedding."): v for k, v in values.items()
+          if k.startswith("model.positional_embedding.")}
+    data = {k.removeprefix("data."): v for k, v in values.items() if k.startswith("data.")}
+    return replace(
+        run,
+        model=replace(run.model, **model, positional_embedding=replace(run.model.positional_embedding, **pe)),
+        data=replace(run.data, **data),
+    )
 
 
 def launch_environment(parallel: ParallelConfig, world_size: int | None) -> ParallelConfig:

@@ -99,8 +99,19 @@ class PositionalEmbeddingConfig:
 
     type: Literal["absolute", "rope", "none"] = option("absolute", "PE type")
     base: float = option(10000, "RoPE base frequency", gt=0)
-    scaling_factor: float = option(1.0, "RoPE linear position scaling: positions are divided by this", gt=0)
+    scaling_factor: float = option(
+        1.0, "RoPE scaling factor: positions are divided by this (scaling_type linear; llama3: low frequencies)", gt=0
+    )
     offset: int = option(0, "RoPE position offset added to every position", ge=0)
+    scaling_type: Literal["linear", "llama3"] = option(
+        "linear",
+        "RoPE scaling: `linear` divides every position by scaling_factor; `llama3` divides only the low "
+        "frequencies by it, blending the middle band (Llama 3.1+ checkpoints need it)",
+        added=True,
+    )
+    low_freq_factor: float = option(1.0, "llama3 scaling: wavelengths above original_max_seq_len / this are scaled", gt=0, added=True)
+    high_freq_factor: float = option(4.0, "llama3 scaling: wavelengths below original_max_seq_len / this are kept", gt=0, added=True)
+    original_max_seq_len: int = option(8192, "llama3 scaling: the context length the model was pretrained with", ge=1, added=True)
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,12 @@ class ModelConfig:
     dropout_mlp: float = option(0.1, "MLP dropout", ge=0, lt=1)
     no_bias: bool = option(False, "Disable bias in layers")
     untie_embed: bool = option(False, "Untie input/output embeddings")
+    qkv_bias: bool | None = option(
+        None,
+        "Bias on the q/k/v projections (None: as no_bias says); true with no_bias=true is Qwen2's layout, whose "
+        "o_proj, MLP and norms have none",
+        added=True,
+    )
     tokenizer_type: str = option("gpt2", "Tokenizer type (`gpt2`, `llama`, `auto`, `builtin`)")
     vocab_name_or_path: str = option("gpt2", "Tokenizer hub name or local directory")
     positional_embedding: PositionalEmbeddingConfig = option(
@@ -177,7 +194,10 @@ class DataConfig:
         "(None: $IRONCORE_CACHE, else ~/.cache/ironcore; downloads then use the HF default)",
         added=True,
     )
-    num_workers: int = option(1, "Processes used to tokenize", ge=1, added=True)
+    num_workers: int = option(
+        1, "Processes used to tokenize (pretrain: one core each, the tokenizer's own threads off; the blocks are the same)",
+        ge=1, added=True,
+    )
     pack_sequences: bool = option(
         False, "SFT: pack several samples per row, positions restart per sample (pretrain rows are always packed)", added=True
     )
@@ -223,7 +243,11 @@ class InitConfig:
     xavier_init: bool = option(False, "Use Xavier initialization")
     data_parallel_random_init: bool = option(False, "Each data-parallel rank draws its own initial weights")
     from_pretrained: str | None = option(
-        None, "Initialise weights from an IronCore dir or a GPT-2 / LLaMA HF dir (fine-tuning)", added=True
+        None,
+        "Fine-tune from a checkpoint: a local dir or a Hub name (`org/name`, `org/name@revision`; safetensors, "
+        "cached, offline once cached) of type ironcore, gpt2, llama, mistral or qwen2. The model fields, "
+        "data.vocab_size and (unless set) the tokenizer it leaves out come from its config.json",
+        added=True,
     )
 
 
@@ -279,6 +303,8 @@ class Derived:
     padded_vocab_size: int  # data.vocab_size rounded up to trainer.vocab_padding_unit: the embedding rows
     tokens_per_step: int  # train_batch_size x seq_length
     tokenizer_field: str  # the field the tokenizer came from, for error messages (a data config's wins)
+    # with init.from_pretrained: dotted field -> "config" or the checkpoint and config.json key its value came from
+    model_sources: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)

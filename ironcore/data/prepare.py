@@ -5,11 +5,16 @@ Each dataset entry is tokenized once into `<preprocessed_dir>/<name>-<fingerprin
 everything that changes the rows: the entry's fields (except `name` and `ratio`), its files (path,
 size, mtime) or Hub name or the built-in corpus version, the tokenizer (its serialized content,
 special tokens and chat template), `seq_length`, the task, the split ratios, and for SFT/DPO the
-truncation rule and packing, and for pretrain `num_workers` (each worker cuts blocks from its own
-contiguous shard of documents, so the worker count moves block boundaries). A later run (or
+truncation rule and packing (not `num_workers`: pretrain blocks are cut from the split's whole token
+stream, the same for any worker count; see `pretrain`). A later run (or
 `ironcore preprocess`) with the same inputs loads the folders and tokenizes nothing; any change
 builds a new entry. Mixing (`mixing.mix`) happens after loading, so changing a ratio or the seed
 never re-tokenizes.
+
+Storage: pretrain blocks are fixed-size lists of uint16 (uint32 when the tokenizer has more than 65,536
+ids; `pretrain.token_dtype`), 2 (4) bytes a token where cache version 2 stored int32 lists with per-row
+offsets. Entries of an earlier cache version are never read: their fingerprint differs, so the entry is
+rebuilt, with a log line naming the old folder (which can then be deleted).
 
 Splits: every training entry is split into train / eval / test rows by `data.splits` (normalised),
 with a fixed seed (`SPLIT_SEED`, independent of `init.seed`, so held-out rows stay the same across
@@ -39,14 +44,14 @@ from transformers import PreTrainedTokenizerBase
 
 from ironcore.config.schema import DatasetSpec, RunConfig
 from ironcore.data import dpo, mixing, pretrain, sft
-from ironcore.data.cache import build_atomically, fingerprint
+from ironcore.data.cache import build_atomically, fingerprint, is_complete
 from ironcore.data.sources import check_source, dataset_name, load_source, source_fingerprint
 from ironcore.data.tokenizer import cache_root, tokenizer_fingerprint
 from ironcore.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: SFT skips empty answers, DPO skips identical pairs
+CACHE_VERSION = 3  # 2: SFT skips empty answers, DPO skips identical pairs; 3: uint16/uint32 pretrain blocks
 SPLIT_SEED = 1234
 SPLITS = ("train", "eval", "test")
 
@@ -191,9 +196,11 @@ class _Context:
     seq_length: int
     tokenizer_hash: str
 
-    def key(self, spec: DatasetSpec, fractions: dict[str, float]) -> str:
+    def key(self, spec: DatasetSpec, fractions: dict[str, float], version: int | None = None) -> str:
+        """The entry's fingerprint; `version` gives the one an earlier cache version computed for the same inputs."""
+        version = CACHE_VERSION if version is None else version
         payload = {
-            "version": CACHE_VERSION,
+            "version": version,
             "task": self.task,
             "seq_length": self.seq_length,
             "tokenizer": self.tokenizer_hash,
@@ -202,20 +209,33 @@ class _Context:
             "splits": fractions,
             "split_seed": SPLIT_SEED,
         }
-        if self.task == "pretrain":
-            payload["workers"] = self.run.data.num_workers
-        else:
+        if self.task != "pretrain":
             payload["truncation"] = self.run.data.truncation
+        elif version < 3:  # versions 1-2 cut blocks per worker shard
+            payload["workers"] = self.run.data.num_workers
         if self.task == "sft":
             payload["pack"] = self.run.data.pack_sequences
         return fingerprint(payload)
 
     def entry(self, spec: DatasetSpec, name: str, label: str, fractions: dict[str, float]):
         """The entry's split datasets (from the cache, built first if needed) and its statistics."""
-        final = preprocessed_root(self.run) / f"{name}-{self.key(spec, fractions)[:16]}"
+        root = preprocessed_root(self.run)
+        final = root / f"{name}-{self.key(spec, fractions)[:16]}"
+        if not is_complete(final):
+            self._note_outdated(root, spec, name, label, fractions)
         info = build_atomically(final, partial(self._build, spec, name, label, fractions))
         logger.info("%s: %s", label, ", ".join(f"{s} {info['splits'][s]['rows']} rows" for s in info["splits"]))
         return {split: datasets.load_from_disk(str(final / split)) for split in info["splits"]}, info
+
+    def _note_outdated(self, root: Path, spec: DatasetSpec, name: str, label: str, fractions: dict) -> None:
+        """Warn about the entry an earlier cache version built for the same inputs: it is rebuilt (minutes to hours
+        for a big corpus, and the disk it takes twice), not read."""
+        for version in range(CACHE_VERSION - 1, 0, -1):
+            old = root / f"{name}-{self.key(spec, fractions, version)[:16]}"
+            if is_complete(old):
+                logger.warning("%s: rebuilding; %s was built by cache version %d (this is version %d) and can be deleted",
+                            label, old, version, CACHE_VERSION)
+                return
 
     def _build(self, spec: DatasetSpec, name: str, label: str, fractions: dict[str, float], tmp: Path) -> dict:
         logger.info("%s: tokenizing into %s", label, tmp)
@@ -224,10 +244,10 @@ class _Context:
             raise DataError(f"{label}: the dataset has no rows")
         work = tmp / "work"
         work.mkdir()
-        num_proc = self.run.data.num_workers if self.run.data.num_workers > 1 else None
         if self.task == "pretrain":
-            parts, counts = self._blocks(raw, spec, label, fractions, num_proc, work)
+            parts, counts = self._blocks(raw, spec, label, fractions, work)
         else:
+            num_proc = self.run.data.num_workers if self.run.data.num_workers > 1 else None
             parts, counts = self._samples(raw, spec, label, fractions, num_proc, work)
         for split, ds in parts.items():
             ds.save_to_disk(str(tmp / split))
@@ -235,15 +255,21 @@ class _Context:
         del parts
         shutil.rmtree(work)
         splits = {s: split_stats(datasets.load_from_disk(str(tmp / s)), self.seq_length, self.task) for s in names}
-        return {"name": name, "label": label, "dataset_path": spec.dataset_path, "task": self.task,
-                "rows_in": len(raw), "status": counts, "splits": splits}
+        for s in names:
+            splits[s]["bytes"] = sum(f.stat().st_size for f in (tmp / s).glob("*.arrow"))
+        info = {"name": name, "label": label, "dataset_path": spec.dataset_path, "task": self.task,
+                "cache_version": CACHE_VERSION, "rows_in": len(raw), "status": counts, "splits": splits}
+        if self.task == "pretrain":
+            info["token_dtype"] = pretrain.token_dtype(self.tokenizer)
+        return info
 
-    def _blocks(self, raw, spec, label, fractions, num_proc, work: Path):
+    def _blocks(self, raw, spec, label, fractions, work: Path):
         """Pretrain: split documents, then tokenize and cut each split into blocks."""
         pretrain.check_pretrain_columns(raw, spec, label)
         parts = {
             split: pretrain.tokenize_pretrain(raw.select(rows), self.tokenizer, spec=spec, seq_length=self.seq_length,
-                                              num_proc=num_proc, label=label, cache_file=str(work / f"{split}.arrow"))
+                                              num_workers=self.run.data.num_workers, label=label,
+                                              cache_file=str(work / f"{split}.arrow"))
             for split, rows in split_rows(len(raw), fractions, label).items()
         }
         if len(next(iter(parts.values()))) == 0:

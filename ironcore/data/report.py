@@ -2,7 +2,8 @@
 
 Statistics come from the cache entries' `COMPLETE.json` (computed once at build time): rows, skipped
 rows by reason, tokens, trained tokens and their ratio, mean / max row length, and fill (tokens /
-(rows * seq_length): the packing efficiency of packed or padded rows). Previews decode rows with the
+(rows * seq_length): the packing efficiency of packed or padded rows), and for pretrain the stored
+token type and bytes per token on disk. Previews decode rows with the
 trained spans between `TRAIN_OPEN` and `TRAIN_CLOSE` and packed samples separated by `SAMPLE_BREAK`.
 """
 
@@ -44,6 +45,10 @@ def format_inspect(prepared: PreparedData) -> str:
     lines.append(f"train rows {stats['train_rows']}, eval rows {stats['eval_rows']}, test rows {stats['test_rows']}")
     for name, info in stats["datasets"].items():
         lines.append(f"{name}: {info['rows_in']} input rows; " + ", ".join(f"{k} {v}" for k, v in info["status"].items()))
+        stored = [(split, st["bytes"] / st["tokens"]) for split, st in info["splits"].items() if st.get("tokens")]
+        if "token_dtype" in info and stored:
+            per_token = ", ".join(f"{split} {b:.3f}" for split, b in stored)
+            lines.append(f"{name}: tokens stored as {info['token_dtype']}; bytes per token on disk: {per_token}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""IronCore models: the HF-compatible config and causal LM, conversions to/from GPT-2 and LLaMA, model building.
+"""IronCore models: the HF-compatible config and causal LM, conversions to/from GPT-2, LLaMA, Mistral and Qwen2,
+model building.
 
 Importing this package registers `model_type="ironcore"` with AutoConfig / AutoModel / AutoModelForCausalLM, and
 marks the classes for auto-class export, so `save_pretrained` writes the modeling files next to the weights and the
@@ -17,6 +18,8 @@ from .conversion import (
     gpt2_to_ironcore,
     ironcore_to_gpt2,
     ironcore_to_llama,
+    ironcore_to_mistral,
+    ironcore_to_qwen2,
     llama_to_ironcore,
     load_pretrained,
     trim_vocab_padding,
@@ -38,6 +41,8 @@ __all__ = [
     "gpt2_to_ironcore",
     "ironcore_to_gpt2",
     "ironcore_to_llama",
+    "ironcore_to_mistral",
+    "ironcore_to_qwen2",
     "llama_to_ironcore",
     "load_pretrained",
     "resolve_attn_implementation",

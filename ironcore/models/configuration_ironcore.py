@@ -24,10 +24,15 @@ and `DynamicCache` read them (`hidden_size`, `num_hidden_layers`, ...). The spec
 | `model.dropout_mlp`                         | `hidden_dropout`                | attn and MLP outputs (resid_pdrop)   |
 | `model.no_bias`                             | `bias` (negated)                | linear layers and LayerNorm          |
 | `model.untie_embed`                         | `tie_word_embeddings` (negated) |                                      |
+| `model.qkv_bias`                            | `qkv_bias`                      | None -> `bias`; q/k/v projections    |
 | `model.positional_embedding.type`           | `position_embedding_type`       | `absolute` / `rope` / `none`         |
 | `model.positional_embedding.base`           | `rope_theta`                    |                                      |
 | `model.positional_embedding.scaling_factor` | `rope_scaling_factor`           | positions / it (HF "linear")         |
 | `model.positional_embedding.offset`         | `rope_offset`                   | added to every position              |
+| `model.positional_embedding.scaling_type`   | `rope_scaling_type`             | `linear` / `llama3` (HF rope_type)   |
+| `model.positional_embedding.low_freq_factor`| `rope_low_freq_factor`          | llama3 only                          |
+| `model.positional_embedding.high_freq_factor`| `rope_high_freq_factor`        | llama3 only                          |
+| `model.positional_embedding.original_max_seq_len` | `rope_original_max_position_embeddings` | llama3 only          |
 | `init.init_std`                             | `initializer_range`             |                                      |
 | `init.xavier_init`                          | `xavier_init`                   |                                      |
 | `operation.activation_recompute`            | `activation_recompute`          |                                      |
@@ -74,6 +79,7 @@ ACTIVATIONS: dict[str, tuple[str, bool]] = {
 POSITION_EMBEDDINGS = ("absolute", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
 RECOMPUTE_STRATEGIES = ("default", "optimized")
+ROPE_SCALING_TYPES = ("linear", "llama3")
 
 
 def padded_vocab_size(vocab_size: int, unit: int) -> int:
@@ -96,6 +102,12 @@ def validate_model_config(model: Any) -> None:
         problems.append(f"model.head_dim={model.head_dim} must be even for model.positional_embedding.type=rope")
     if model.activation_type not in ACTIVATIONS:
         problems.append(f"model.activation_type={model.activation_type!r} is not one of {sorted(ACTIVATIONS)}")
+    pe = model.positional_embedding
+    if pe.scaling_type == "llama3" and not pe.low_freq_factor < pe.high_freq_factor:
+        problems.append(
+            f"model.positional_embedding.low_freq_factor={pe.low_freq_factor} must be below "
+            f"model.positional_embedding.high_freq_factor={pe.high_freq_factor}"
+        )
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -151,11 +163,16 @@ class IronCoreConfig(PretrainedConfig):
     attention_dropout: float = 0.1
     hidden_dropout: float = 0.1
     bias: bool = True
+    qkv_bias: bool | None = None
     tie_word_embeddings: bool = True
     position_embedding_type: str = "absolute"
     rope_theta: float = 10000.0
     rope_scaling_factor: float = 1.0
     rope_offset: int = 0
+    rope_scaling_type: str = "linear"
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
     initializer_range: float = 0.006
     xavier_init: bool = False
     activation_recompute: bool = False
@@ -170,6 +187,8 @@ class IronCoreConfig(PretrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.unpadded_vocab_size is None:
             self.unpadded_vocab_size = self.vocab_size
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
         self._check()
         super().__post_init__(**kwargs)
 
@@ -188,6 +207,7 @@ class IronCoreConfig(PretrainedConfig):
             ("norm_type", self.norm_type, NORMS),
             ("hidden_act", self.hidden_act, {act for act, _ in ACTIVATIONS.values()}),
             ("recompute_strategy", self.recompute_strategy, RECOMPUTE_STRATEGIES),
+            ("rope_scaling_type", self.rope_scaling_type, ROPE_SCALING_TYPES),
         ):
             if value not in allowed:
                 problems.append(f"{name}={value!r} is not one of {sorted(allowed)}")
@@ -197,6 +217,11 @@ class IronCoreConfig(PretrainedConfig):
             problems.append(
                 f"rope_scaling_factor={self.rope_scaling_factor} "
                 "(model.positional_embedding.scaling_factor) must be positive"
+            )
+        if self.rope_scaling_type == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
+            problems.append(
+                f"rope_low_freq_factor={self.rope_low_freq_factor} must be below rope_high_freq_factor="
+                f"{self.rope_high_freq_factor} (model.positional_embedding.low_freq_factor / high_freq_factor)"
             )
         if problems:
             raise ConfigError("IronCoreConfig: " + "; ".join(problems))
@@ -248,11 +273,16 @@ class IronCoreConfig(PretrainedConfig):
             attention_dropout=model.dropout_attn,
             hidden_dropout=model.dropout_mlp,
             bias=not model.no_bias,
+            qkv_bias=model.qkv_bias,
             tie_word_embeddings=not model.untie_embed,
             position_embedding_type=pe.type,
             rope_theta=float(pe.base),
             rope_scaling_factor=float(pe.scaling_factor),
             rope_offset=pe.offset,
+            rope_scaling_type=pe.scaling_type,
+            rope_low_freq_factor=float(pe.low_freq_factor),
+            rope_high_freq_factor=float(pe.high_freq_factor),
+            rope_original_max_position_embeddings=pe.original_max_seq_len,
             initializer_range=run.init.init_std,
             xavier_init=run.init.xavier_init,
             activation_recompute=run.operation.activation_recompute,
@@ -277,10 +307,15 @@ class IronCoreConfig(PretrainedConfig):
             "model.activation_type": self.activation_type,
             "model.no_bias": not self.bias,
             "model.untie_embed": not self.tie_word_embeddings,
+            "model.qkv_bias": self.qkv_bias,
             "model.positional_embedding.type": self.position_embedding_type,
             "model.positional_embedding.base": self.rope_theta,
             "model.positional_embedding.scaling_factor": self.rope_scaling_factor,
             "model.positional_embedding.offset": self.rope_offset,
+            "model.positional_embedding.scaling_type": self.rope_scaling_type,
+            "model.positional_embedding.low_freq_factor": self.rope_low_freq_factor,
+            "model.positional_embedding.high_freq_factor": self.rope_high_freq_factor,
+            "model.positional_embedding.original_max_seq_len": self.rope_original_max_position_embeddings,
         }
 
 

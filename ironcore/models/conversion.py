@@ -4,9 +4,17 @@ Native targets and what they can express (anything else is refused with a Config
 
 - `GPT2LMHeadModel`: learned absolute positions, LayerNorm, pre-LN, biases, a non-gated MLP (gelu, gelu_tanh,
   relu, silu), multi-head attention with `head_dim * num_attention_heads == d_model`; tied or untied head.
-- `LlamaForCausalLM`: RoPE (no offset; `scaling_factor` becomes "linear" rope scaling), RMSNorm, pre-LN, a gated
-  MLP (swiglu, geglu), MHA / GQA / MQA, any `head_dim` with `d_model` divisible by the heads (LlamaConfig's rule),
-  biases on every projection or none; tied or untied head.
+- `LlamaForCausalLM`: RoPE (no offset; "linear" or "llama3" rope scaling), RMSNorm, pre-LN, a gated MLP (swiglu,
+  geglu), MHA / GQA / MQA, any `head_dim` with `d_model` divisible by the heads (LlamaConfig's rule), biases on
+  every projection or none; tied or untied head. Covers LLaMA 1/2/3.x, SmolLM and TinyLlama.
+- `MistralForCausalLM`: as LLaMA without biases. Its sliding window is accepted only when it is at least every
+  sequence the model sees (then it changes nothing); exports attend to the whole sequence (`sliding_window=null`).
+- `Qwen2ForCausalLM`: as LLaMA with biases on q/k/v only (`model.no_bias=true, model.qkv_bias=true`), no
+  sliding-window layers (`use_sliding_window`) unless the window covers every sequence.
+
+Other model types (MoE: mixtral, qwen2_moe; q/k norms: qwen3, olmo2; ...) are refused with the supported list,
+and within a supported type every setting IronCore cannot compute (other rope types, partial rotary, a mixed
+bias layout) is refused naming its config.json field.
 
 Dropout rates are carried where the target has a field for them and are otherwise dropped: they do not change
 what a model computes at inference. Exports never contain vocabulary padding rows; converting back pads again
@@ -25,7 +33,17 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.initialization import no_init_weights
 
 from ironcore.errors import CheckpointError, ConfigError
@@ -70,6 +88,8 @@ def gpt2_problems(config: IronCoreConfig) -> list[str]:
         )
     if f["model.no_bias"]:
         problems.append("model.no_bias=true (needs false)")
+    if not config.qkv_bias:
+        problems.append("model.qkv_bias=false (needs true)")
     if config.num_key_value_heads != config.num_attention_heads:
         problems.append(
             f"model.num_attention_groups={config.num_key_value_heads} (needs MHA: {config.num_attention_heads})"
@@ -83,7 +103,10 @@ def gpt2_problems(config: IronCoreConfig) -> list[str]:
 
 
 def llama_problems(config: IronCoreConfig) -> list[str]:
-    """Why `config` cannot be a LlamaForCausalLM (empty when it can), in spec field names."""
+    """Why `config` cannot be a LlamaForCausalLM (empty when it can), in spec field names.
+
+    The bias layout is not checked here: each family of the LLaMA architecture has its own (`BIAS_LAYOUTS`).
+    """
     f = config.spec_fields()
     problems = []
     if f["model.positional_embedding.type"] != "rope":
@@ -164,14 +187,48 @@ def _ironcore_to_llama_names(name: str) -> str:
     return name.replace(".attn_norm.", ".input_layernorm.").replace(".mlp_norm.", ".post_attention_layernorm.")
 
 
-def ironcore_to_llama(model: IronCoreForCausalLM) -> LlamaForCausalLM:
-    """The same network as a LlamaForCausalLM (padding rows trimmed); ConfigError if the config cannot be one."""
-    config = model.config
-    _refuse("LlamaForCausalLM", llama_problems(config))
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+# model_type -> (config class, model class, bias layouts it has as (bias, qkv_bias) -> its config's bias fields)
+LLAMA_FAMILY: dict[str, tuple[type, type, dict[tuple[bool, bool], dict[str, Any]]]] = {
+    "llama": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        {(True, True): {"attention_bias": True, "mlp_bias": True}, (False, False): {}},
+    ),
+    "mistral": (MistralConfig, MistralForCausalLM, {(False, False): {}}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {(False, True): {}}),
+}
+BIAS_NAMES = {(True, True): "model.no_bias=false", (False, False): "model.no_bias=true with model.qkv_bias unset",
+              (False, True): "model.no_bias=true, model.qkv_bias=true"}
+
+
+def rope_parameters(config: IronCoreConfig) -> dict[str, Any]:
+    """transformers' `rope_parameters` for this config's rotary embedding."""
+    if config.rope_scaling_type == "llama3":
+        return {
+            "rope_type": "llama3",
+            "rope_theta": config.rope_theta,
+            "factor": config.rope_scaling_factor,
+            "low_freq_factor": config.rope_low_freq_factor,
+            "high_freq_factor": config.rope_high_freq_factor,
+            "original_max_position_embeddings": config.rope_original_max_position_embeddings,
+        }
     if config.rope_scaling_factor != 1.0:
-        rope = {"rope_type": "linear", "rope_theta": config.rope_theta, "factor": config.rope_scaling_factor}
-    llama_config = LlamaConfig(
+        return {"rope_type": "linear", "rope_theta": config.rope_theta, "factor": config.rope_scaling_factor}
+    return {"rope_type": "default", "rope_theta": config.rope_theta}
+
+
+def ironcore_to_llama_family(model: IronCoreForCausalLM, model_type: str, **extra: Any) -> PreTrainedModel:
+    """The same network as a LLaMA-architecture model of `model_type` (padding rows trimmed); ConfigError if the
+    config cannot be one. `extra` goes to the target's config (e.g. `sliding_window` for Mistral)."""
+    config = model.config
+    config_cls, model_cls, layouts = LLAMA_FAMILY[model_type]
+    problems = llama_problems(config)
+    layout = (config.bias, config.qkv_bias)
+    if layout not in layouts:
+        problems.append(f"{BIAS_NAMES[layout] if layout in BIAS_NAMES else layout} (needs " +
+                        " or ".join(BIAS_NAMES[k] for k in layouts) + ")")
+    _refuse(model_cls.__name__, problems)
+    native_config = config_cls(
         vocab_size=config.unpadded_vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -184,26 +241,41 @@ def ironcore_to_llama(model: IronCoreForCausalLM) -> LlamaForCausalLM:
         initializer_range=config.initializer_range,
         rms_norm_eps=config.norm_eps,
         tie_word_embeddings=config.tie_word_embeddings,
-        rope_parameters=rope,
-        attention_bias=config.bias,
-        mlp_bias=config.bias,
+        rope_parameters=rope_parameters(config),
         attention_dropout=config.attention_dropout,
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
+        **layouts[layout],
+        **({"sliding_window": None} if model_type == "mistral" else {}),
+        **extra,
     )
     state = {_ironcore_to_llama_names(k): v for k, v in model.state_dict().items()}
     for name in VOCAB_TENSORS:
         state[name] = state[name][: config.unpadded_vocab_size]
-    return _build(LlamaForCausalLM, llama_config, state, like=model)
+    return _build(model_cls, native_config, state, like=model)
+
+
+def ironcore_to_llama(model: IronCoreForCausalLM) -> LlamaForCausalLM:
+    """The same network as a LlamaForCausalLM (padding rows trimmed); ConfigError if the config cannot be one."""
+    return ironcore_to_llama_family(model, "llama")
+
+
+def ironcore_to_mistral(model: IronCoreForCausalLM) -> MistralForCausalLM:
+    """The same network as a MistralForCausalLM attending to the whole sequence (no sliding window)."""
+    return ironcore_to_llama_family(model, "mistral")
+
+
+def ironcore_to_qwen2(model: IronCoreForCausalLM) -> Qwen2ForCausalLM:
+    """The same network as a Qwen2ForCausalLM (biases on q/k/v only) without sliding-window layers."""
+    return ironcore_to_llama_family(model, "qwen2")
 
 
 # --------------------------------------------------------------------------------------------- native -> IronCore
 
 
-def gpt2_to_ironcore(model: GPT2LMHeadModel) -> IronCoreForCausalLM:
-    """A GPT2LMHeadModel as an IronCore model (no vocabulary padding); ConfigError for variants it cannot express."""
-    c = model.config
+def from_gpt2_problems(c: GPT2Config) -> list[str]:
+    """The GPT2Config fields that IronCore cannot compute (empty when it can)."""
     problems = []
     if c.activation_function not in FROM_GPT2_ACTIVATIONS:
         problems.append(f"activation_function={c.activation_function}")
@@ -213,10 +285,13 @@ def gpt2_to_ironcore(model: GPT2LMHeadModel) -> IronCoreForCausalLM:
         problems.append("scale_attn_by_inverse_layer_idx=true")
     if c.add_cross_attention:
         problems.append("add_cross_attention=true")
-    if problems:
-        raise ConfigError("cannot convert this GPT2LMHeadModel to IronCore: " + "; ".join(problems))
+    return problems
+
+
+def gpt2_ironcore_config(c: GPT2Config, precision: str) -> IronCoreConfig:
+    """The IronCoreConfig of a GPT2Config (no vocabulary padding); read from config.json alone, before any weight."""
     hidden_act, gated = FROM_GPT2_ACTIVATIONS[c.activation_function]
-    config = IronCoreConfig(
+    return IronCoreConfig(
         vocab_size=c.vocab_size,
         hidden_size=c.n_embd,
         intermediate_size=c.n_inner or 4 * c.n_embd,
@@ -224,7 +299,7 @@ def gpt2_to_ironcore(model: GPT2LMHeadModel) -> IronCoreForCausalLM:
         num_attention_heads=c.n_head,
         head_dim=c.n_embd // c.n_head,
         max_position_embeddings=c.n_positions,
-        precision=_precision(model),
+        precision=precision,
         norm_type="layernorm",
         norm_eps=c.layer_norm_epsilon,
         hidden_act=hidden_act,
@@ -239,6 +314,15 @@ def gpt2_to_ironcore(model: GPT2LMHeadModel) -> IronCoreForCausalLM:
         eos_token_id=c.eos_token_id,
         pad_token_id=c.pad_token_id,
     )
+
+
+def gpt2_to_ironcore(model: GPT2LMHeadModel) -> IronCoreForCausalLM:
+    """A GPT2LMHeadModel as an IronCore model (no vocabulary padding); ConfigError for variants it cannot express."""
+    c = model.config
+    problems = from_gpt2_problems(c)
+    if problems:
+        raise ConfigError("cannot convert this GPT2LMHeadModel to IronCore: " + "; ".join(problems))
+    config = gpt2_ironcore_config(c, _precision(model))
     sd = model.state_dict()
     state = {
         "model.embed_tokens.weight": sd["transformer.wte.weight"],
@@ -269,29 +353,65 @@ def gpt2_to_ironcore(model: GPT2LMHeadModel) -> IronCoreForCausalLM:
     return _build(IronCoreForCausalLM, config, state, like=model)
 
 
-def llama_to_ironcore(model: LlamaForCausalLM) -> IronCoreForCausalLM:
-    """A LlamaForCausalLM as an IronCore model (no vocabulary padding); ConfigError for variants it cannot express."""
-    c = model.config
+def _bias_layout(c: Any) -> tuple[tuple[bool, bool] | None, list[str]]:
+    """(bias, qkv_bias) of a LLaMA-family config, or None with the fields that make it inexpressible."""
+    if c.model_type == "qwen2":
+        return (False, True), []
+    if c.model_type == "mistral":
+        return (False, False), []
+    if c.attention_bias != c.mlp_bias:
+        return None, [f"attention_bias={c.attention_bias} with mlp_bias={c.mlp_bias} (IronCore biases the MLP "
+                      "exactly when it biases o_proj)"]
+    return (c.attention_bias, c.attention_bias), []
+
+
+def sliding_window_problems(c: Any, seq_len: int) -> list[str]:
+    """A sliding window shorter than `seq_len` (the longest sequence the model will see) changes what attention
+    computes, which IronCore cannot express; a longer one changes nothing."""
+    if c.model_type == "mistral":
+        window, field = c.sliding_window, "sliding_window"
+    elif c.model_type == "qwen2" and "sliding_attention" in (c.layer_types or ()):
+        window, field = c.sliding_window, "use_sliding_window / layer_types"
+    else:
+        return []
+    if window is None or window >= seq_len:
+        return []
+    return [f"{field}: a {window}-token sliding window is shorter than the {seq_len}-token sequences this model "
+            f"would see (IronCore attends to the whole sequence; set model.max_seq_len <= {window})"]
+
+
+def from_llama_family_problems(c: Any, seq_len: int | None = None) -> list[str]:
+    """The fields of a LLaMA / Mistral / Qwen2 config that IronCore cannot compute (empty when it can)."""
     rope = c.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+    rope_type = rope.get("rope_type", "default")
     problems = []
-    if rope.get("rope_type", "default") not in ("default", "linear"):
-        problems.append(f"rope_parameters.rope_type={rope['rope_type']} (IronCore has default and linear)")
+    if rope_type not in ("default", "linear", "llama3"):
+        problems.append(f"rope_parameters.rope_type={rope_type} (IronCore has default, linear and llama3)")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"rope_parameters.partial_rotary_factor={rope['partial_rotary_factor']} (IronCore has 1.0)")
     if c.hidden_act not in ("silu", "gelu"):
         problems.append(f"hidden_act={c.hidden_act} (IronCore has silu: swiglu, gelu: geglu)")
-    if c.attention_bias != c.mlp_bias:
-        problems.append(f"attention_bias={c.attention_bias} with mlp_bias={c.mlp_bias} (IronCore has one bias switch)")
-    if problems:
-        raise ConfigError("cannot convert this LlamaForCausalLM to IronCore: " + "; ".join(problems))
-    config = IronCoreConfig(
+    if getattr(c, "pretraining_tp", 1) != 1:
+        problems.append(f"pretraining_tp={c.pretraining_tp} (IronCore has 1)")
+    return problems + _bias_layout(c)[1] + sliding_window_problems(c, seq_len or c.max_position_embeddings)
+
+
+def llama_ironcore_config(c: Any, precision: str) -> IronCoreConfig:
+    """The IronCoreConfig of a LLaMA / Mistral / Qwen2 config (no vocabulary padding), from config.json alone."""
+    rope = c.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+    rope_type = rope.get("rope_type", "default")
+    layout, _ = _bias_layout(c)
+    llama3 = rope_type == "llama3"
+    return IronCoreConfig(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers,
         num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads,
-        head_dim=c.head_dim,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
         max_position_embeddings=c.max_position_embeddings,
-        precision=_precision(model),
+        precision=precision,
         norm_type="rmsnorm",
         norm_eps=c.rms_norm_eps,
         hidden_act=c.hidden_act,
@@ -299,21 +419,37 @@ def llama_to_ironcore(model: LlamaForCausalLM) -> IronCoreForCausalLM:
         embedding_dropout=0.0,
         attention_dropout=float(c.attention_dropout or 0.0),
         hidden_dropout=0.0,
-        bias=c.attention_bias,
+        bias=layout[0],
+        qkv_bias=layout[1],
         tie_word_embeddings=c.tie_word_embeddings,
         position_embedding_type="rope",
         rope_theta=float(rope["rope_theta"]),
-        rope_scaling_factor=float(rope.get("factor", 1.0)) if rope.get("rope_type") == "linear" else 1.0,
+        rope_scaling_factor=float(rope.get("factor", 1.0)) if rope_type in ("linear", "llama3") else 1.0,
+        rope_scaling_type="llama3" if llama3 else "linear",
+        rope_low_freq_factor=float(rope["low_freq_factor"]) if llama3 else 1.0,
+        rope_high_freq_factor=float(rope["high_freq_factor"]) if llama3 else 4.0,
+        rope_original_max_position_embeddings=int(rope["original_max_position_embeddings"]) if llama3 else 8192,
         initializer_range=c.initializer_range,
         bos_token_id=c.bos_token_id,
         eos_token_id=c.eos_token_id,
         pad_token_id=c.pad_token_id,
     )
+
+
+def llama_to_ironcore(model: PreTrainedModel, seq_len: int | None = None, *, share: bool = False) -> IronCoreForCausalLM:
+    """A LLaMA, Mistral or Qwen2 model as an IronCore model (no vocabulary padding); ConfigError for variants it
+    cannot express. `seq_len` (default: the model's max_position_embeddings) is the longest sequence the model will
+    see, which a sliding window must cover. `share`: take the model's tensors, not copies (see `_build`)."""
+    c = model.config
+    problems = from_llama_family_problems(c, seq_len)
+    if problems:
+        raise ConfigError(f"cannot convert this {type(model).__name__} to IronCore: " + "; ".join(problems))
+    config = llama_ironcore_config(c, _precision(model))
     state = {
         k.replace(".input_layernorm.", ".attn_norm.").replace(".post_attention_layernorm.", ".mlp_norm."): v
         for k, v in model.state_dict().items()
     }
-    return _build(IronCoreForCausalLM, config, state, like=model)
+    return _build(IronCoreForCausalLM, config, state, like=model, share=share)
 
 
 def _precision(model: PreTrainedModel) -> str:
@@ -323,15 +459,20 @@ def _precision(model: PreTrainedModel) -> str:
 # --------------------------------------------------------------------------------------------- loading weights
 
 
-def load_state(model: PreTrainedModel, state: dict[str, torch.Tensor], source: str) -> None:
+def load_state(model: PreTrainedModel, state: dict[str, torch.Tensor], source: str, share: bool = False) -> None:
     """Copy `state` into `model`; a missing, unexpected or mis-shaped tensor is a one-line CheckpointError.
 
-    Tied parameters (the LM head when `tie_word_embeddings`) follow their source and are skipped.
+    Tied parameters (the LM head when `tie_word_embeddings`) follow their source and are skipped. `share` makes the
+    model's parameters the given tensors (no copy: `model` may then be a meta-device skeleton).
     """
     tied = set(model.all_tied_weights_keys)
     expected = {k: v for k, v in model.state_dict().items() if k not in tied}
     state = {k: v for k, v in state.items() if k not in tied}
     _check_names_and_shapes({k: tuple(v.shape) for k, v in state.items()}, expected, source)
+    if share:
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        return
     with torch.no_grad():
         for name, tensor in state.items():
             expected[name].copy_(tensor)
@@ -361,9 +502,19 @@ def uninitialized(model_cls: type, config: Any) -> Any:
     return model
 
 
-def _build(model_cls: type, config: Any, state: dict[str, torch.Tensor], like: PreTrainedModel) -> Any:
-    model = uninitialized(model_cls, config)
-    load_state(model, state, f"{type(like).__name__} weights")
+def skeleton(model_cls: type, config: Any) -> Any:
+    """A model on the meta device, whose parameters `load_state(..., share=True)` then sets. Only for IronCore
+    models: they hold no buffers (rotary frequencies are computed per call), so nothing stays on meta."""
+    with torch.device("meta"):
+        return model_cls(config)
+
+
+def _build(model_cls: type, config: Any, state: dict[str, torch.Tensor], like: PreTrainedModel,
+           share: bool = False) -> Any:
+    """`share` (IronCore targets only): the new model takes `state`'s tensors instead of copies, so a conversion
+    inside a load holds the weights once; the source must then be dropped, not used again."""
+    model = skeleton(model_cls, config) if share else uninitialized(model_cls, config)
+    load_state(model, state, f"{type(like).__name__} weights", share=share)
     return model.to(like.dtype).train(like.training)
 
 
@@ -423,9 +574,8 @@ def bin_shapes(file: Path) -> dict[str, tuple]:
 ARCHITECTURES: dict[str, tuple[type, type]] = {
     "ironcore": (IronCoreConfig, IronCoreForCausalLM),
     "gpt2": (GPT2Config, GPT2LMHeadModel),
-    "llama": (LlamaConfig, LlamaForCausalLM),
+    **{name: (config_cls, model_cls) for name, (config_cls, model_cls, _) in LLAMA_FAMILY.items()},
 }
-TO_IRONCORE = {"ironcore": lambda model: model, "gpt2": gpt2_to_ironcore, "llama": llama_to_ironcore}
 
 
 def _check_checkpoint(path: Path, model_cls: type, config: Any) -> None:
@@ -449,14 +599,18 @@ def read_model_type(path: Path) -> str:
     """The `model_type` of a model directory, refused unless IronCore can load it."""
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise CheckpointError(f"{path}: no config.json (expected an IronCore, GPT-2 or LLaMA model directory)")
+        raise CheckpointError(
+            f"{path}: no config.json (expected a model directory of type {', '.join(ARCHITECTURES)})"
+        )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{config_file}: not valid JSON ({err})") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in ARCHITECTURES:
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not one of {', '.join(ARCHITECTURES)}")
+        raise CheckpointError(
+            f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
+        )
     return model_type
 
 
@@ -469,28 +623,196 @@ def check_model_dir(path: Path) -> str:
     return model_type
 
 
-def load_pretrained(path: str | Path, run_or_config: Any = None) -> IronCoreForCausalLM:
-    """An IronCore model from an IronCore, GPT-2 or LLaMA directory (the type is read from its config.json).
+def to_ironcore(model: PreTrainedModel, seq_len: int | None = None, share: bool = False) -> IronCoreForCausalLM:
+    """Any supported model as an IronCore model; `seq_len` bounds the sequences (checked against sliding windows).
+    `share` (LLaMA family): reuse the model's tensors (GPT-2's fused, transposed ones are always new)."""
+    if isinstance(model, IronCoreForCausalLM):
+        return model
+    if isinstance(model, GPT2LMHeadModel):
+        return gpt2_to_ironcore(model)
+    return llama_to_ironcore(model, seq_len, share=share)
 
-    Without `run_or_config` the model keeps the directory's architecture. With a RunConfig or IronCoreConfig
+
+def native_problems(config: Any, seq_len: int | None = None) -> list[str]:
+    """The config.json fields of a supported checkpoint that IronCore cannot compute, read before any weight."""
+    if config.model_type == "ironcore":
+        return []
+    if config.model_type == "gpt2":
+        return from_gpt2_problems(config)
+    return from_llama_family_problems(config, seq_len)
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+# What a Hub snapshot needs: config, safetensors weights (never pickles), tokenizer and generation config.
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+             "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json"]
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def looks_local(source: str) -> bool:
+    """A path (absolute, relative with ./ or ../, ~, or an existing directory) rather than a Hub name."""
+    return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().is_dir()
+
+
+def pretrained_dir(source: str | Path) -> Path:
+    """The local directory of `init.from_pretrained`: a local directory as given, or a Hub name (`org/name`,
+    optionally `org/name@revision`) fetched into the HF cache by huggingface_hub (token from `hf auth login` /
+    HF_TOKEN; nothing is fetched again once cached, and HF_HUB_OFFLINE=1 reads the cache only).
+
+    Only safetensors weights are fetched: a pickle (`pytorch_model.bin`) can run code when loaded, and a Hub
+    repository is not a source IronCore trusts. Every failure is one CheckpointError naming the source."""
+    source = str(source)
+    if looks_local(source):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"init.from_pretrained: {path} is not a directory (expected a model directory "
+                                  "with config.json, or a Hub name)")
+        return path
+    repo_id, _, revision = source.partition("@")
+    if not HUB_NAME.fullmatch(repo_id):
+        raise CheckpointError(f"init.from_pretrained: {source!r} is neither a local directory nor a Hub name "
+                              "(org/name or org/name@revision)")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise CheckpointError(f"init.from_pretrained: {repo_id} is a gated repository: accept its terms on "
+                              "huggingface.co, then log in with `hf auth login` (or set HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"init.from_pretrained: no Hub repository named {repo_id} (or it is private: log in "
+                              "with `hf auth login` or set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"init.from_pretrained: {repo_id} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:
+        reason = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+                  else "the Hub cannot be reached")
+        raise CheckpointError(f"init.from_pretrained: {source} is not in the local cache ({constants.HF_HUB_CACHE}) "
+                              f"and {reason}") from None
+    except (HfHubHTTPError, OSError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"init.from_pretrained: {source} could not be fetched ({reason})") from None
+    if not any(path.glob("*.safetensors")):
+        raise CheckpointError(f"init.from_pretrained: {source} has no safetensors weights; IronCore fetches no "
+                              "pickled .bin weights from the Hub (loading one can run code): download it, check it "
+                              "and give its local directory (read with torch.load(weights_only=True))")
+    return path
+
+
+# spec field -> the config.json key it comes from, per family (what `ironcore config --explain` names)
+_COMMON_KEYS = {"data.vocab_size": "vocab_size", "model.untie_embed": "tie_word_embeddings"}
+SOURCE_KEYS: dict[str, dict[str, str]] = {
+    "gpt2": {**_COMMON_KEYS, "model.d_model": "n_embd", "model.d_ffn": "n_inner", "model.num_layers": "n_layer",
+             "model.num_attention_heads": "n_head", "model.num_attention_groups": "n_head",
+             "model.head_dim": "n_embd / n_head", "model.max_seq_len": "n_positions",
+             "model.ln_eps": "layer_norm_epsilon", "model.activation_type": "activation_function",
+             "model.dropout_embd": "embd_pdrop", "model.dropout_attn": "attn_pdrop",
+             "model.dropout_mlp": "resid_pdrop"},
+    "llama": {**_COMMON_KEYS, "model.d_model": "hidden_size", "model.d_ffn": "intermediate_size",
+              "model.num_layers": "num_hidden_layers", "model.num_attention_heads": "num_attention_heads",
+              "model.num_attention_groups": "num_key_value_heads", "model.head_dim": "head_dim",
+              "model.max_seq_len": "max_position_embeddings", "model.ln_eps": "rms_norm_eps",
+              "model.activation_type": "hidden_act", "model.no_bias": "attention_bias, mlp_bias",
+              "model.qkv_bias": "attention_bias", "model.dropout_attn": "attention_dropout",
+              "model.positional_embedding.base": "rope_parameters.rope_theta",
+              "model.positional_embedding.scaling_type": "rope_parameters.rope_type",
+              "model.positional_embedding.scaling_factor": "rope_parameters.factor",
+              "model.positional_embedding.low_freq_factor": "rope_parameters.low_freq_factor",
+              "model.positional_embedding.high_freq_factor": "rope_parameters.high_freq_factor",
+              "model.positional_embedding.original_max_seq_len": "rope_parameters.original_max_position_embeddings"},
+}
+SOURCE_KEYS["mistral"] = {**SOURCE_KEYS["llama"], "model.no_bias": "(Mistral has no biases)",
+                          "model.qkv_bias": "(Mistral has no biases)"}
+SOURCE_KEYS["qwen2"] = {**SOURCE_KEYS["llama"], "model.no_bias": "(Qwen2: biases on q/k/v only)",
+                        "model.qkv_bias": "(Qwen2: biases on q/k/v only)"}
+DROPOUT_FIELDS = {"model.dropout_embd": "embedding_dropout", "model.dropout_attn": "attention_dropout",
+                  "model.dropout_mlp": "hidden_dropout"}
+SOURCE_KEYS["ironcore"] = {
+    "data.vocab_size": "unpadded_vocab_size", "model.d_model": "hidden_size", "model.d_ffn": "intermediate_size",
+    "model.num_layers": "num_hidden_layers", "model.num_attention_heads": "num_attention_heads",
+    "model.num_attention_groups": "num_key_value_heads", "model.head_dim": "head_dim",
+    "model.max_seq_len": "max_position_embeddings", "model.ln_type": "norm_type", "model.ln_eps": "norm_eps",
+    "model.post_ln": "post_norm", "model.activation_type": "hidden_act, gated_mlp", "model.no_bias": "bias",
+    "model.untie_embed": "tie_word_embeddings", "model.qkv_bias": "qkv_bias",
+    "model.positional_embedding.type": "position_embedding_type", "model.positional_embedding.base": "rope_theta",
+    "model.positional_embedding.scaling_factor": "rope_scaling_factor",
+    "model.positional_embedding.offset": "rope_offset", "model.positional_embedding.scaling_type": "rope_scaling_type",
+    "model.positional_embedding.low_freq_factor": "rope_low_freq_factor",
+    "model.positional_embedding.high_freq_factor": "rope_high_freq_factor",
+    "model.positional_embedding.original_max_seq_len": "rope_original_max_position_embeddings",
+    **DROPOUT_FIELDS,
+}
+
+
+def checkpoint_fields(source: str | Path, seq_len: int | None = None) -> tuple[Path, dict[str, tuple[Any, str]]]:
+    """The local directory of a pretrained source and, per spec field (architecture, vocabulary, dropout), its
+    value in the checkpoint and the config.json key it comes from. Only config.json is read (and, for a Hub name,
+    the snapshot fetched) and the weight files' headers (a broken file is one CheckpointError naming it); what
+    IronCore cannot express is one CheckpointError naming the config.json field."""
+    path = pretrained_dir(source)
+    model_type = check_model_dir(path)  # a broken weight file is named now, before any field is compared
+    native = ARCHITECTURES[model_type][0].from_pretrained(path)
+    problems = native_problems(native, seq_len)
+    if problems:
+        raise CheckpointError(f"{path}: IronCore cannot express this {model_type} checkpoint: " + "; ".join(problems))
+    if model_type == "ironcore":
+        config = native
+    elif model_type == "gpt2":
+        config = gpt2_ironcore_config(native, "float32")
+    else:
+        config = llama_ironcore_config(native, "float32")
+    values = {**config.spec_fields(), **{k: getattr(config, v) for k, v in DROPOUT_FIELDS.items()}}
+    keys = SOURCE_KEYS[model_type]
+    return path, {name: (value, keys.get(name, f"({model_type} architecture)")) for name, value in values.items()}
+
+
+def load_pretrained(path: str | Path, run_or_config: Any = None) -> IronCoreForCausalLM:
+    """An IronCore model from a directory of a supported type (`ARCHITECTURES`, read from its config.json).
+
+    The weights are float32 whatever the checkpoint's dtype. Without `run_or_config` the model keeps the
+    directory's architecture. With a RunConfig or IronCoreConfig
     the architecture must match it (else CheckpointError naming the differing fields) and the model takes that
     config's training settings (dropout, recompute, attention, vocabulary padding).
     """
-    path = Path(path)
+    path = pretrained_dir(path)
     model_type = check_model_dir(path)
-    model_cls = ARCHITECTURES[model_type][1]
-    source = TO_IRONCORE[model_type](model_cls.from_pretrained(path))
-    if run_or_config is None:
+    config_cls, model_cls = ARCHITECTURES[model_type]
+    target = None
+    if run_or_config is not None:
+        target = (
+            run_or_config
+            if isinstance(run_or_config, IronCoreConfig)
+            else IronCoreConfig.from_run_config(run_or_config)
+        )
+    seq_len = target.max_position_embeddings if target is not None else None
+    problems = native_problems(config_cls.from_pretrained(path), seq_len)
+    if problems:
+        raise CheckpointError(f"{path}: IronCore cannot express this {model_type} checkpoint: " + "; ".join(problems))
+    # float32 master weights whatever the checkpoint's dtype (bf16 on the Hub): training autocasts from them; the
+    # loaded native model is dropped once converted, its tensors reused (share), so the weights are held once
+    native = model_cls.from_pretrained(path, dtype=torch.float32)
+    source = to_ironcore(native, seq_len, share=True)
+    del native
+    if target is None:
         return source
-    target = (
-        run_or_config if isinstance(run_or_config, IronCoreConfig) else IronCoreConfig.from_run_config(run_or_config)
-    )
     check_same_architecture(source.config, target, str(path))
-    return retarget(source, target)
+    return retarget(source, target, share=True)
 
 
 def _same(a: Any, b: Any) -> bool:
     return math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) or isinstance(b, float) else a == b
+
+
+LLAMA3_FIELDS = ("low_freq_factor", "high_freq_factor", "original_max_seq_len")
 
 
 def check_same_architecture(found: IronCoreConfig, wanted: IronCoreConfig, source: str) -> None:
@@ -502,8 +824,11 @@ def check_same_architecture(found: IronCoreConfig, wanted: IronCoreConfig, sourc
     skip = set()
     if wanted.position_embedding_type != "absolute":
         skip.add("model.max_seq_len")
+    rope_fields = ("base", "scaling_factor", "offset", "scaling_type", *LLAMA3_FIELDS)
     if wanted.position_embedding_type != "rope":
-        skip |= {f"model.positional_embedding.{k}" for k in ("base", "scaling_factor", "offset")}
+        skip |= {f"model.positional_embedding.{k}" for k in rope_fields}
+    elif wanted.rope_scaling_type != "llama3":
+        skip |= {f"model.positional_embedding.{k}" for k in LLAMA3_FIELDS}
     differing = [
         f"{k} is {have[k]} there but {want[k]} in the config"
         for k in want
@@ -513,16 +838,42 @@ def check_same_architecture(found: IronCoreConfig, wanted: IronCoreConfig, sourc
         raise CheckpointError(f"{source}: the pretrained model does not match the run's model: " + "; ".join(differing))
 
 
-def retarget(model: IronCoreForCausalLM, config: IronCoreConfig) -> IronCoreForCausalLM:
-    """`model`'s weights in a new model built from `config` (same architecture), re-padding the vocabulary rows."""
+def retarget(model: IronCoreForCausalLM, config: IronCoreConfig, share: bool = False) -> IronCoreForCausalLM:
+    """`model`'s weights in a new model built from `config` (same architecture), re-padding the vocabulary rows.
+    `share`: the new model takes `model`'s other tensors instead of copies (`model` is then not to be used)."""
     vocab = model.config.unpadded_vocab_size
     state = model.state_dict()
+    tied = set(model.all_tied_weights_keys)
     for name in VOCAB_TENSORS:
+        if name in tied:  # a tied head follows the embedding
+            continue
         rows = state[name][:vocab]
         state[name] = torch.cat([rows, rows.new_zeros(config.vocab_size - vocab, rows.shape[1])])
-    target = uninitialized(IronCoreForCausalLM, config)
-    load_state(target, state, "pretrained IronCore weights")
+    target = skeleton(IronCoreForCausalLM, config) if share else uninitialized(IronCoreForCausalLM, config)
+    load_state(target, state, "pretrained IronCore weights", share=share)
     return target
+
+
+def ironcore_to_source(model: IronCoreForCausalLM, source_config: dict[str, Any]) -> PreTrainedModel:
+    """The model in the architecture of the checkpoint it was fine-tuned from: the source's own config.json
+    (model_type, architectures, rope type and parameters, theta, eps, bias flags, sliding window, token ids) with
+    this model's weights, so the export is what the source was, trained further. CheckpointError when the model no
+    longer has the source's architecture (only the rope context may differ: the source's is kept)."""
+    model_type = source_config.get("model_type")
+    if model_type == "ironcore":
+        return trim_vocab_padding(model)
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(f"the source checkpoint's model_type {model_type!r} is not supported "
+                              f"(supported: {', '.join(ARCHITECTURES)})")
+    config_cls, model_cls = ARCHITECTURES[model_type]
+    config = config_cls.from_dict(source_config)
+    from_native = gpt2_ironcore_config if model_type == "gpt2" else llama_ironcore_config
+    source = from_native(config, "float32")
+    check_same_architecture(source, model.config, "the source checkpoint")
+    native = ironcore_to_gpt2(model) if model_type == "gpt2" else ironcore_to_llama_family(model, model_type)
+    out = uninitialized(model_cls, config)
+    load_state(out, native.state_dict(), f"{type(native).__name__} weights")
+    return out.to(model.dtype).train(model.training)
 
 
 def trim_vocab_padding(model: IronCoreForCausalLM) -> IronCoreForCausalLM:

@@ -70,11 +70,13 @@ def make_norm(config: IronCoreConfig) -> nn.Module:
 class IronCoreRotaryEmbedding(nn.Module):
     """cos/sin of rotary position embeddings (non-interleaved halves, as LLaMA).
 
-    angle(p, i) = (p + rope_offset) * theta^(-2i/head_dim) / rope_scaling_factor. Dividing by the factor is
-    transformers' "linear" rope scaling. The offset shifts every position; since rotary attention scores depend
-    only on the distance between query and key, it leaves scores unchanged up to rounding. The inverse
-    frequencies are recomputed per call (head_dim/2 numbers) rather than kept in a buffer, so no dtype cast,
-    meta-device build or checkpoint load can ever alter them.
+    angle(p, i) = (p + rope_offset) * theta^(-2i/head_dim) / rope_scaling_factor with "linear" scaling (as
+    transformers' "linear" rope type). "llama3" scaling (transformers' rope type of that name) divides only the
+    frequencies whose wavelength exceeds original_max / low_freq_factor, keeps those below original_max /
+    high_freq_factor, and blends the band between. The offset shifts every position; since rotary attention
+    scores depend only on the distance between query and key, it leaves scores unchanged up to rounding. The
+    inverse frequencies are recomputed per call (head_dim/2 numbers) rather than kept in a buffer, so no dtype
+    cast, meta-device build or checkpoint load can ever alter them.
     """
 
     def __init__(self, config: IronCoreConfig) -> None:
@@ -83,10 +85,25 @@ class IronCoreRotaryEmbedding(nn.Module):
         self.theta = config.rope_theta
         self.scaling_factor = config.rope_scaling_factor
         self.offset = config.rope_offset
+        self.scaling_type = config.rope_scaling_type
+        self.low_freq_factor = config.rope_low_freq_factor
+        self.high_freq_factor = config.rope_high_freq_factor
+        self.original_max = config.rope_original_max_position_embeddings
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
-        return 1.0 / (self.theta**exponents) / self.scaling_factor
+        inv_freq = 1.0 / (self.theta**exponents)
+        if self.scaling_type == "linear":
+            return inv_freq / self.scaling_factor
+        # llama3, computed as transformers' _compute_llama3_parameters does
+        wavelen = 2 * math.pi / inv_freq
+        low_freq_wavelen = self.original_max / self.low_freq_factor
+        high_freq_wavelen = self.original_max / self.high_freq_factor
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / self.scaling_factor, inv_freq)
+        smooth = (self.original_max / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / self.scaling_factor + smooth * scaled
+        medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(medium, smoothed, scaled)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,9 +199,9 @@ class IronCoreAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
         q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.bias)
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.bias)
         self.o_proj.writes_residual = True
         self.resid_dropout = nn.Dropout(config.hidden_dropout)
