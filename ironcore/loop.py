@@ -162,8 +162,7 @@ def build_tasks(run: RunConfig, model: torch.nn.Module, data, tokenizer, acceler
     for split, limit in limits.items():
         dataset = getattr(data, split)
         rows = 0 if dataset is None else len(dataset) if limit is None else min(limit, len(dataset))
-        batches = every_row_once(dataset, run, tokenizer, rows, rank=accelerator.process_index,
-                                 world_size=accelerator.num_processes)
+        batches = every_row_once(dataset, run, tokenizer, rows, rank=accelerator.process_index)
         with accelerator.autocast():
             table = reference_logps(reference, batches, max(rows, 1), accelerator.device)
         tasks[split] = DirectPreference(run.optim.dpo_beta, reference_logps=accelerator.reduce(table, "sum"))
@@ -177,8 +176,8 @@ def shards_parameters(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def every_row_once(dataset, run: RunConfig, tokenizer, rows: int, *, rank: int, world_size: int) -> Iterator[Batch]:
-    """Batches of this rank's rows among the first `rows` (rank, rank + world_size, ...), with their sample ids.
+def every_row_once(dataset, run: RunConfig, tokenizer, rows: int, *, rank: int) -> Iterator[Batch]:
+    """Batches of this rank's rows among the first `rows` (rank, rank + dp size, ...), with their sample ids.
 
     Unlike the eval loader, which gives every rank the same number of rows and drops the remainder, every
     row lands on exactly one rank: a reference table with a missing row would score that pair against 0.
@@ -186,7 +185,7 @@ def every_row_once(dataset, run: RunConfig, tokenizer, rows: int, *, rank: int, 
     if rows == 0:
         return
     collate = make_collator(run, tokenizer)
-    indices = list(range(rank, rows, world_size))
+    indices = list(range(rank, rows, run.derived.data_parallel_size))
     size = run.trainer.eval_batch_size
     for start in range(0, len(indices), size):
         chunk = indices[start : start + size]
