@@ -14,13 +14,19 @@ Rows, each timed from the jsonl file to tokenized blocks of `--seq` tokens on di
   num_proc=W)`, `map(group_texts, batched=True, num_proc=W)` (its `group_texts`, labels included), with the
   tokenizer's threads left as they are by default.
 
-Each `--rounds` round runs every row in turn (ironcore W=1, datasets_map W=1, ironcore W=2, ...), so a change in
-machine load falls on all of them; each row keeps its fastest round. MB/s is corpus text megabytes (1e6 bytes)
-per second; tokens/s counts the tokens in the blocks written. `CPU s` is the CPU time of this process and its
-workers (the work done, whatever the load); `load` is the CPU time other processes took during the row's best
-round (from /proc/stat, minus this process and its children), in cores: on a shared machine, wall-clock figures
-mean something only where it is near 0. The ironcore blocks of
-every worker count are checked to be identical (their sha256 is in the JSON).
+Each `--rounds` round runs every row in turn (ironcore W=1, datasets_map W=1, ironcore W=2, ..., in reverse order
+in odd rounds), so a change in machine load falls on all of them; each row keeps its fastest round, and the
+`paired` lines give the ratios within each round (W=2 over W=1, ironcore over datasets_map) and their median: on a
+shared machine those are the figures to read. MB/s is corpus text megabytes (1e6 bytes) per second; tokens/s
+counts the tokens in the blocks written. `CPU s` is the CPU time of this process and its workers (the work done,
+whatever the load); `load` is the CPU time other processes took during the row's best round (from /proc/stat,
+minus this process and its children), in cores: wall-clock figures mean something only where it is near 0. The
+ironcore blocks of every worker count are checked to be identical (their sha256 is in the JSON).
+
+``--storage`` prints bytes per token instead: each task's built-in corpus entry (`dataset_path: builtin`) is
+prepared, and its train split's Arrow files are measured as the cache stores them now (uint16 ids; int16 labels for
+SFT/DPO with the built-in 2,048-id vocabulary) and cast to the layout of the earlier cache versions (int32 lists:
+pretrain version 2, SFT/DPO version 3) and written the same way, so both figures count the same rows and tokens.
 
 Run from the repository root: ``python benchmarks/preprocess.py`` (see benchmarks/README.md).
 """
@@ -34,6 +40,8 @@ import itertools
 import json
 import os
 import resource
+import shutil
+import statistics
 import sys
 import sysconfig
 import tempfile
@@ -45,6 +53,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/preprocess.py` from a checkout
 
 import datasets  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 
 from ironcore.config.resolve import resolve  # noqa: E402
 from ironcore.config.schema import DataConfig, DatasetSpec, ModelConfig, RunConfig  # noqa: E402
@@ -116,6 +126,63 @@ def run_datasets_map(corpus: Path, cache: Path, tokenizer, seq: int, workers: in
     return len(grouped) * seq, None
 
 
+@dataclasses.dataclass
+class StorageRow:
+    task: str
+    rows: int
+    tokens: int
+    int32_bytes: int
+    compact_bytes: int
+    columns: dict[str, str]
+
+    @property
+    def ratio(self) -> float:
+        return self.int32_bytes / self.compact_bytes
+
+
+def builtin_run(task: str, cache: Path, seq: int, max_samples: int | None) -> RunConfig:
+    return resolve(RunConfig(
+        model=ModelConfig(max_seq_len=seq, tokenizer_type="builtin", vocab_name_or_path="builtin"),
+        data=DataConfig(task_type=task, seq_length=seq, vocab_size=2048, splits=(1.0, 0.0, 0.0), cache_dir=str(cache),
+                        train_datasets=(DatasetSpec(dataset_path="builtin", max_samples=max_samples),)),
+    ), world_size=1)
+
+
+def _arrow_bytes(ds: datasets.Dataset, folder: Path) -> int:
+    ds.save_to_disk(str(folder))
+    return sum(f.stat().st_size for f in folder.glob("*.arrow"))
+
+
+def measure_storage(tokenizer, seq: int, max_samples: int | None, work: Path) -> list[StorageRow]:
+    """Each task's built-in train split: Arrow bytes as stored, and as int32 lists (the earlier layout)."""
+    out = []
+    for task in ("pretrain", "sft", "dpo"):
+        train = prepare_data(builtin_run(task, work / task, seq, max_samples), tokenizer).train
+        table = train.data
+        tokens = sum(int(pc.sum(pc.list_value_length(table.column(c))).as_py()) for c in train.column_names
+                     if c.endswith("input_ids"))
+        old = train.cast(datasets.Features({c: datasets.List(datasets.Value("int32")) for c in train.column_names}))
+        out.append(StorageRow(task, len(train), tokens, _arrow_bytes(old, work / f"{task}-int32"),
+                              _arrow_bytes(train, work / f"{task}-compact"),
+                              {c: _stored_type(table.column(c).type) for c in train.column_names}))
+    return out
+
+
+def _stored_type(t) -> str:
+    """`uint16[256]` for a fixed-size list of 256, `int16[]` for a list."""
+    return f"{t.value_type}[{t.list_size if isinstance(t, pa.FixedSizeListType) else ''}]"
+
+
+def storage_table(rows: list[StorageRow]) -> str:
+    lines = ["| task     |   rows |     tokens | int32 lists B/token | compact B/token | saving | stored as |",
+             "|----------|--------|------------|---------------------|-----------------|--------|-----------|"]
+    for r in rows:
+        kinds = ", ".join(f"{c} {t}" for c, t in r.columns.items())
+        lines.append(f"| {r.task:8s} | {r.rows:6d} | {r.tokens:10,d} | {r.int32_bytes / r.tokens:19.3f} "
+                     f"| {r.compact_bytes / r.tokens:15.3f} | {r.ratio:5.2f}x | {kinds} |")
+    return "\n".join(lines)
+
+
 def _busy_seconds() -> float:
     """CPU seconds the whole machine spent busy (not idle or iowait) since boot."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
@@ -138,18 +205,35 @@ def timed(fn: Callable[[], tuple[int, str | None]]) -> tuple[float, float, float
 
 
 def measure(corpus: Path, megabytes: float, tokenizer, seq: int, workers: list[int], rounds: int,
-            work: Path) -> list[Row]:
+            work: Path) -> tuple[list[Row], dict[tuple[str, int], list[float]]]:
+    """The fastest round of every (implementation, workers) row, and every round's seconds for paired ratios."""
     runners = {"ironcore": run_ironcore, "datasets_map": run_datasets_map}
     best: dict[tuple[str, int], Row] = {}
+    seconds_by_round: dict[tuple[str, int], list[float]] = {}
+    order = [(name, w) for w in workers for name in IMPLEMENTATIONS]
     for r in range(rounds):
-        for w in workers:
-            for name in IMPLEMENTATIONS:
-                run = partial(runners[name], corpus, work / f"{name}-{w}-{r}", tokenizer, seq, w)
-                seconds, cpu, load, tokens, digest = timed(run)
-                row = Row(name, w, seconds, megabytes / seconds, tokens, tokens / seconds, cpu, load, digest)
-                if (name, w) not in best or seconds < best[name, w].seconds:
-                    best[name, w] = row
-    return [best[name, w] for w in workers for name in IMPLEMENTATIONS]
+        for name, w in order if r % 2 == 0 else order[::-1]:  # ABBA: a steady drift in load cancels out in pairs
+            run = partial(runners[name], corpus, work / f"{name}-{w}-{r}", tokenizer, seq, w)
+            seconds, cpu, load, tokens, digest = timed(run)
+            shutil.rmtree(work / f"{name}-{w}-{r}", ignore_errors=True)
+            row = Row(name, w, seconds, megabytes / seconds, tokens, tokens / seconds, cpu, load, digest)
+            seconds_by_round.setdefault((name, w), []).append(seconds)
+            if (name, w) not in best or seconds < best[name, w].seconds:
+                best[name, w] = row
+    return [best[name, w] for w in workers for name in IMPLEMENTATIONS], seconds_by_round
+
+
+def paired(seconds: dict[tuple[str, int], list[float]], workers: list[int]) -> dict[str, list[float]]:
+    """Speed ratios within each round (rows of one round run back to back, so they share the machine's load):
+    each implementation's most workers over its fewest, and ironcore over datasets_map at each worker count."""
+    out = {}
+    low, high = min(workers), max(workers)
+    if high > low:
+        for name in IMPLEMENTATIONS:
+            out[f"{name} {high}/{low} workers"] = [a / b for a, b in zip(seconds[name, low], seconds[name, high])]
+    for w in workers:
+        out[f"ironcore/datasets_map at {w}"] = [a / b for a, b in zip(seconds["datasets_map", w], seconds["ironcore", w])]
+    return out
 
 
 def table(rows: list[Row]) -> str:
@@ -181,6 +265,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="rounds; each row keeps its fastest (default 2)")
     p.add_argument("--short", action="store_true", help="CI mode: 1 MB, seq 256, 1 round")
     p.add_argument("--json", type=Path, help="also write the rows to this file")
+    p.add_argument("--storage", action="store_true",
+                   help="bytes per token of pretrain, SFT and DPO caches of the built-in corpus, now and as int32 lists")
     return p.parse_args(argv)
 
 
@@ -189,27 +275,50 @@ def main(argv: list[str] | None = None) -> int:
     megabytes, seq, rounds = (1.0, 256, 1) if args.short else (args.mb, args.seq, args.rounds)
     workers = sorted({int(w) for w in args.workers.split(",")})
     datasets.disable_progress_bars()
+    if args.storage:
+        return storage_main(args, seq)
     with tempfile.TemporaryDirectory(prefix="ironcore-preprocess-") as tmp:
         work = Path(tmp)
         corpus = work / "stdlib.jsonl"
         size = build_corpus(corpus, megabytes)
         tokenizer = load_tokenizer(ironcore_run(corpus, work / "tokenizer", seq, 1))
-        rows = measure(corpus, size / 1e6, tokenizer, seq, workers, rounds, work)
+        rows, seconds = measure(corpus, size / 1e6, tokenizer, seq, workers, rounds, work)
     digests = {r.sha256 for r in rows if r.implementation == "ironcore"}
     ratios = scaling(rows)
+    pairs = paired(seconds, workers)
     print(f"corpus: {size / 1e6:.1f} MB of stdlib sources (Python {sys.version.split()[0]}) | tokenizer: built-in BPE, "
           f"{len(tokenizer)} ids | seq {seq} | {rounds} round(s), fastest kept | {os.cpu_count()} CPUs")
     print(table(rows))
     for name, ratio in ratios.items():
         print(f"{name}: {max(workers)} workers / {min(workers)}: {ratio:.2f}x MB/s")
+    for name, values in pairs.items():
+        print(f"paired {name}: median {statistics.median(values):.2f}x (rounds: "
+              f"{', '.join(f'{v:.2f}' for v in values)})")
     print(f"ironcore blocks identical for every worker count: {'yes' if len(digests) == 1 else 'NO'}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "corpus_bytes": size, "seq": seq, "rounds": rounds, "cpus": os.cpu_count(), "scaling": ratios,
+            "corpus_bytes": size, "seq": seq, "rounds": rounds, "cpus": os.cpu_count(), "scaling": ratios, "paired": pairs,
             "identical_blocks": len(digests) == 1, "rows": [dataclasses.asdict(r) for r in rows],
         }, indent=2) + "\n")
     return 0 if len(digests) == 1 else 1
+
+
+def storage_main(args: argparse.Namespace, seq: int) -> int:
+    max_samples = 300 if args.short else None
+    with tempfile.TemporaryDirectory(prefix="ironcore-storage-") as tmp:
+        work = Path(tmp)
+        tokenizer = load_tokenizer(builtin_run("pretrain", work / "tokenizer", seq, None))
+        rows = measure_storage(tokenizer, seq, max_samples, work)
+    print(f"built-in corpus (Python {sys.version.split()[0]}), train split of each task | tokenizer: built-in BPE, "
+          f"{len(tokenizer)} ids | seq {seq}" + (f" | first {max_samples} rows" if max_samples else ""))
+    print(storage_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"seq": seq, "max_samples": max_samples, "rows": [
+            {**dataclasses.asdict(r), "int32_bytes_per_token": r.int32_bytes / r.tokens,
+             "compact_bytes_per_token": r.compact_bytes / r.tokens} for r in rows]}, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The `ironcore` command: train | preprocess | tokenizer | config | export | generate | plot.
+"""The `ironcore` command: train | preprocess | tokenizer | config | export | generate | plot | eval.
 
 This is the one place that prints. User mistakes (`IronCoreError`) become one line on stderr and exit
 code 2; `--debug` shows the traceback instead.
@@ -128,6 +128,34 @@ def plot_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_plot)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 1")
+    return value
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ironcore.harness import evaluate, table
+
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    results, path = evaluate(args.src, tasks, limit=args.limit, batch_size=args.batch_size,
+                             include_path=args.include_path)
+    print(table(results))
+    print(f"results written to {path}")
+    return 0
+
+
+def eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score an export on lm-evaluation-harness tasks (needs ironcore[eval])")
+    p.add_argument("src", help="run directory (its export/ is evaluated) or exported model directory")
+    p.add_argument("--tasks", required=True, help="comma-separated harness tasks, e.g. hellaswag,arc_easy")
+    p.add_argument("--limit", type=positive_int, help="at most N documents per task (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--include-path", help="directory of extra task YAMLs (local tasks)")
+    p.set_defaults(func=cmd_eval)
+
+
 def data_parsers(sub: argparse._SubParsersAction) -> None:
     from ironcore.data.cli import register
 
@@ -135,7 +163,7 @@ def data_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    train_parser, data_parsers, config_parser, export_parser, generate_parser, plot_parser,
+    train_parser, data_parsers, config_parser, export_parser, generate_parser, plot_parser, eval_parser,
 ]
 
 

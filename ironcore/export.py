@@ -7,6 +7,7 @@ safetensors weights, config.json, generation_config.json and the tokenizer files
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -44,7 +45,7 @@ def save_hf(accelerator: Accelerator, model: torch.nn.Module, tokenizer: PreTrai
             full = type(unwrapped)(unwrapped.config)
         full.load_state_dict({k: v.detach().cpu() for k, v in state_dict.items()}, assign=True)
         full.tie_weights()
-        write_hf(trim_vocab_padding(full.float()), tokenizer, Path(out_dir))
+        write_hf(trim_vocab_padding(full.float()), tokenizer, Path(out_dir), unwrapped.generation_config)
     accelerator.wait_for_everyone()
 
 
@@ -61,7 +62,7 @@ def write_export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
     else:
         native = {"ironcore": trim_vocab_padding, "gpt2": ironcore_to_gpt2, "llama": ironcore_to_llama,
                   "mistral": ironcore_to_mistral, "qwen2": ironcore_to_qwen2}[arch](model)
-    write_hf(native, tokenizer, out_dir)
+    write_hf(native, tokenizer, out_dir, model.generation_config)
     logger.info("Exported %s model to %s", arch, out_dir)
     return out_dir
 
@@ -72,13 +73,23 @@ def write_export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
 SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.2}
 
 
-def write_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-    """save_pretrained (safetensors) + generation config (token ids, SAMPLING_DEFAULTS) + tokenizer."""
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        **SAMPLING_DEFAULTS,
-    )
+def write_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
+             generation: GenerationConfig | None = None) -> None:
+    """save_pretrained (safetensors) + generation config + tokenizer (with the chat template it trained with).
+
+    `generation` is the one the model was loaded with: a pretrained checkpoint's own generation_config.json is
+    kept as its authors wrote it (stop tokens such as Llama 3's `<|eot_id|>`, their sampling defaults). One that
+    transformers only derived from the model config (`_from_model_config`, every fresh model's) says nothing,
+    so the export gets the tokenizer's ids and SAMPLING_DEFAULTS instead.
+    """
+    if generation is not None and not generation._from_model_config:
+        model.generation_config = copy.deepcopy(generation)
+    else:
+        model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            **SAMPLING_DEFAULTS,
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -37,9 +37,10 @@ from ironcore.metrics import MetricsLog, flops_per_token, global_norm, memory_re
 from ironcore.models import build_model
 from ironcore.optim import build_optimizer, build_scheduler
 from ironcore.profiling import StepProfiler
+from ironcore.samples import SAMPLES_TEXT_FILE, Sampler, read_prompts
 from ironcore.tasks import Batch, DirectPreference, LanguageModeling, reference_logps
-from ironcore.trackers import tracker_init_kwargs, tracker_project_name
-from ironcore.translate import build_accelerator
+from ironcore.trackers import log_text_samples, tracker_init_kwargs, tracker_project_name
+from ironcore.translate import build_accelerator, drop_fp32_output_wrapper
 
 logger = get_logger(__name__)
 
@@ -75,12 +76,17 @@ def train(run: RunConfig) -> Path:
             set_aside_logs(loop)
     accelerator.init_trackers(tracker_project_name(run), config=flat_config(run), init_kwargs=tracker_init_kwargs(run))
     try:
+        if run.operation.benchmark_tasks and accelerator.is_main_process:
+            loop.check_benchmarks()  # an unknown task name stops the run now, not after training
         with logging_redirect_tqdm():  # log lines print above the progress bar instead of through it
-            if loop.run(step, iter(loader), loader):
+            finished = loop.run(step, iter(loader), loader)
+            if finished:
                 loop.test()
         export_dir = out / "export"
         save_hf(accelerator, model, tokenizer, export_dir)
         release_engine(accelerator, model)
+        if finished and run.operation.benchmark_tasks and accelerator.is_main_process:
+            loop.benchmark(export_dir)
     finally:
         accelerator.end_training()
     return export_dir
@@ -104,6 +110,7 @@ def build_loop(run: RunConfig, out: Path) -> tuple[Loop, TrainLoader]:
     optimizer = build_optimizer(model, run.optim, accelerator.device.type)
     scheduler = build_scheduler(optimizer, run.optim, run.operation.train_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    drop_fp32_output_wrapper(accelerator, model)
     set_seed(run.init.seed + accelerator.process_index)  # dropout differs per rank, weights do not
 
     loader = build_train_loader(data.train, run, rank=accelerator.process_index, tokenizer=tokenizer)
@@ -247,10 +254,11 @@ def set_aside_checkpoints(out: Path, accelerator: Accelerator) -> None:
 
 
 def set_aside_logs(loop: Loop) -> None:
-    """A run that starts at step 0 starts a new history: the metrics.jsonl and samples.jsonl an earlier start left
-    move to `<name>.old-<time>.jsonl` with a warning, neither mixed with the new records nor dropped. Main process."""
+    """A run that starts at step 0 starts a new history: the metrics.jsonl, samples.jsonl and samples_text.jsonl an
+    earlier start left move to `<name>.old-<time>.jsonl` with a warning, neither mixed with the new records nor
+    dropped. Main process."""
     loop.metrics.close()
-    for path in (loop.metrics.path, loop.out / SAMPLES_FILE):
+    for path in (loop.metrics.path, loop.out / SAMPLES_FILE, loop.out / SAMPLES_TEXT_FILE):
         if path.is_file() and path.stat().st_size:
             logger.warning("Starting at step 0: moved the earlier %s to %s", path.name, set_aside(path))
     loop.metrics = MetricsLog(loop.out)
@@ -298,6 +306,8 @@ class Loop:
         # a CPU peak is a matmul benchmark, which another process loading the machine can slow down
         self.peak_is_measured = run.trainer.peak_tflops is None and accelerator.device.type == "cpu"
         self.nonfinite_in_a_row = 0
+        prompts = read_prompts(run.operation.sample_prompts)
+        self.sampler = Sampler(prompts, tokenizer, out, run.init.seed) if prompts and self.main else None
 
     def run(self, step: int, batches: Iterator[Batch], loader) -> bool:
         """Steps from `step` to operation.train_steps (or an exit_interval), with every cadence.
@@ -326,6 +336,8 @@ class Loop:
                     window_start, window_tokens = time.perf_counter(), 0
                 if trainer.do_eval and step % operation.eval_interval == 0:
                     self.evaluate("eval", self.data.eval, operation.eval_samples, step)
+                if self.sampler is not None and step % operation.eval_interval == 0:
+                    self.sample(step)
                 exit_interval = operation.exit_interval
                 exiting = exit_interval is not None and step % exit_interval == 0 and step > start_step
                 due = step % trainer.save_checkpoint_steps == 0 or exiting or step == operation.train_steps
@@ -471,6 +483,32 @@ class Loop:
         logger.info("%s at step %d | %s", split, step, " | ".join(f"{k} {v:.4g}" for k, v in summary.items()),
                     main_process_only=True)
         return summary
+
+    def sample(self, step: int) -> None:
+        """operation.sample_prompts completed by the model as it is now, to samples_text.jsonl and the trackers."""
+        rows = self.sampler.sample(self.accelerator.unwrap_model(self.model), step)
+        log_text_samples(self.accelerator, step, rows)
+        logger.info("samples at step %d | %s", step, " | ".join(repr(r["text"]) for r in rows))
+
+    def check_benchmarks(self) -> None:
+        """operation.benchmark_tasks known to lm-evaluation-harness (main process, before training)."""
+        from ironcore.harness import check_tasks, task_manager
+
+        operation = self.cfg.operation
+        check_tasks(list(operation.benchmark_tasks), task_manager(operation.benchmark_include_path),
+                    "operation.benchmark_tasks")
+
+    def benchmark(self, export_dir: Path) -> None:
+        """operation.benchmark_tasks on the export; scores to the trackers and metrics.jsonl at the last step,
+        the harness's results to eval_results.json in the run directory. Main process."""
+        from ironcore.harness import evaluate, scores, table
+
+        operation = self.cfg.operation
+        results, path = evaluate(export_dir, list(operation.benchmark_tasks), limit=operation.benchmark_limit,
+                                 batch_size=self.cfg.trainer.eval_batch_size,
+                                 include_path=operation.benchmark_include_path, where="operation.benchmark_tasks")
+        self.record(operation.train_steps, scores(results))
+        logger.info("benchmarks (%s):\n%s", path, table(results))
 
     def test(self) -> None:
         operation = self.cfg.operation

@@ -126,8 +126,11 @@ def measure_matmul_flops(device: str, dtype: torch.dtype) -> float:
 
     def timings(n: int, *, at_least: int, budget_s: float) -> list[float]:
         """Seconds of single matmul calls: `at_least` of them, more until `budget_s` is spent (at most 50)."""
-        a = torch.randn(n, n, device=dev, dtype=dtype)
-        b = torch.randn(n, n, device=dev, dtype=dtype)
+        # operands from a private generator: a draw from the global one would shift the run's dropout masks,
+        # and only in the first run of a process (the measurement is cached)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        a = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
+        b = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
         out: list[float] = []
         while len(out) < at_least or (sum(out) < budget_s and len(out) < 50):
             if dev.type != "cpu":

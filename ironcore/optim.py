@@ -39,6 +39,8 @@ def no_decay_parameter_names(model: nn.Module, optim: OptimConfig) -> set[str]:
     norm module, and, with ``optim.no_decay_on_embedding``, the weights of `nn.Embedding` modules (token
     and position embeddings). Tensors are matched by identity, so a tied lm_head, which shares the token
     embedding tensor, follows the embedding and is listed once under the name `named_parameters` keeps.
+    Dimensions are the parameter's full shape: a ZeRO-3-partitioned one (built under `deepspeed.zero.Init`) is a
+    flat 1-d shard whose shape is in ``ds_shape``.
     """
     exempt: set[int] = set()
     for module in model.modules():
@@ -47,7 +49,7 @@ def no_decay_parameter_names(model: nn.Module, optim: OptimConfig) -> set[str]:
     return {
         name
         for name, p in model.named_parameters()
-        if p.requires_grad and (p.ndim < 2 or id(p) in exempt)
+        if p.requires_grad and (len(getattr(p, "ds_shape", p.shape)) < 2 or id(p) in exempt)
     }
 
 

@@ -3,6 +3,7 @@ what `init_trackers` and the trackers' own environment variables need."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -74,3 +75,23 @@ def tracker_init_kwargs(run: RunConfig) -> dict[str, dict]:
     if "wandb" in names:
         init_kwargs["wandb"] = {"name": run.trainer.model_name, "dir": str(run.run_dir)}
     return init_kwargs
+
+
+def log_text_samples(accelerator, step: int, rows: list[dict]) -> None:
+    """Generated samples ({"step", "prompt", "text"} rows) to every active tracker in its own form for text: a
+    TensorBoard text summary per prompt, an MLflow artifact `samples/step_<N>.jsonl`, a W&B table. Main process."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for i, row in enumerate(rows):
+                tracker.writer.add_text(f"samples/{i}", f"**{row['prompt']}**\n\n{row['text']}", global_step=step)
+            tracker.writer.flush()
+        elif tracker.name == "mlflow":
+            import mlflow
+
+            lines = "".join(json.dumps(row) + "\n" for row in rows)
+            mlflow.log_text(lines, f"samples/step_{step:07d}.jsonl", run_id=tracker.tracker.info.run_id)
+        elif tracker.name == "wandb":
+            import wandb
+
+            table = wandb.Table(columns=["step", "prompt", "text"], data=[[r["step"], r["prompt"], r["text"]] for r in rows])
+            tracker.run.log({"samples": table}, step=step)

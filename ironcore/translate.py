@@ -361,7 +361,7 @@ def fsdp_settings(run: RunConfig, env: LaunchEnv) -> dict | None:
         "transformer_cls_names_to_wrap": [DECODER_LAYER_CLASS],
         "state_dict_type": _FSDP_STATE_DICT["sharded" if run.operation.save_dist_ckpt else p.fsdp_state_dict_type],
         "activation_checkpointing": False,
-        "cpu_ram_efficient_loading": False,
+        "cpu_ram_efficient_loading": True,  # rank 0's weights broadcast while sharding (models.build_model)
         "hsdp": {"dp_replicate_size": env.num_nodes, "dp_shard_size": env.local_world_size} if hybrid else None,
     }
 
@@ -494,6 +494,16 @@ def unwrap_without_importing_deepspeed() -> None:
     DeepSpeed run imports it in `prepare`), so "already imported" answers that question exactly.
     """
     accelerate.utils.other.is_deepspeed_available = lambda: "deepspeed" in sys.modules
+
+
+def drop_fp32_output_wrapper(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Take off the forward wrapper that `prepare` puts on a mixed-precision model: autocast, then
+    `convert_outputs_to_fp32`. The loop runs every forward under `accelerator.autocast()` itself, so the wrapper's
+    only other effect is an fp32 copy of the bf16 logits and its cast back in backward, [B, T, V] x 6 bytes through
+    memory each micro-batch: 7% of a bf16 CPU step at benchmark shape A (benchmarks/README.md). The loss upcasts the
+    logits chunk by chunk instead (`ironcore.objectives.ChunkedCrossEntropy`). DDP's wrapper stays; a model prepared
+    without native AMP (fp32, DeepSpeed) has no such wrapper and is left as it is."""
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)
 
 
 def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:

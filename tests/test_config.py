@@ -138,6 +138,8 @@ def test_every_shipped_yaml_loads():
     run = load_config(ROOT / "configs/example.yaml", world_size=2)
     assert run.model.d_model == 768 and run.trainer.train_batch_size == 480
     for example in sorted((ROOT / "examples").glob("*.yaml")):
+        if (yaml.safe_load(example.read_text()).get("init") or {}).get("from_pretrained"):
+            continue  # starts from a Hub checkpoint: tests/test_examples.py loads it from a local Hub cache
         load_config(example)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers_data import (  # noqa: F401
     default_tok_dir_fixture,
     default_tok_fixture,
@@ -108,3 +109,21 @@ def test_conversation_whose_last_answer_is_empty_is_an_error_naming_the_row(tmp_
     with pytest.raises(DataError, match=r"data.train_datasets\[0\] 'd' row 1: no chosen answer \(its last message is empty"):
         prepare_data(run, load_tokenizer(run))
     assert not any(p.name.startswith("d-") for p in (tmp_path / "cache" / "preprocessed").iterdir())
+
+
+def test_both_sides_are_stored_in_two_bytes_a_token_and_collated_as_int64(tmp_path, default_tok_dir):
+    """Issue 16: each side's ids in uint16 and labels in int16 (4 bytes a token, plus list offsets); the batch is int64."""
+    run = make_run(tmp_path, "dpo", [spec(write_jsonl(tmp_path / "d.jsonl", conversation_rows(12)))], default_tok_dir)
+    tokenizer = load_tokenizer(run)
+    prepared = prepare_data(run, tokenizer)
+    types = {name: str(prepared.train.data.column(name).type) for name in prepared.train.column_names}
+    assert types == {f"{side}_{column}": f"list<item: {dtype}>" for side in ("chosen", "rejected")
+                     for column, dtype in (("input_ids", "uint16"), ("labels", "int16"))}
+    train = prepared.stats["datasets"]["d"]["splits"]["train"]
+    tokens, offsets = train["chosen"]["tokens"] + train["rejected"]["tokens"], 4 * 4 * (train["rows"] + 1)
+    assert 4 * tokens + offsets < train["bytes"] < 4 * tokens + offsets + 4096
+    batch = next(iter(build_train_loader(prepared.train, run, rank=0, tokenizer=tokenizer)))
+    assert {v.dtype for v in batch.values()} == {torch.int64}
+    for b, sample in enumerate(batch["sample_ids"].tolist()):
+        n = int(batch["rejected_attention_mask"][b].sum())
+        assert batch["rejected_labels"][b, :n].tolist() == prepared.train[sample]["rejected_labels"]

@@ -6,10 +6,13 @@ import itertools
 import logging
 
 import datasets
+import numpy as np
+import pytest
 import torch
 from helpers_data import (  # noqa: F401
     default_tok_dir_fixture,
     default_tok_fixture,
+    llama_tok_dir_fixture,
     make_run,
     own_tok_dir_fixture,
     own_tok_fixture,
@@ -89,7 +92,7 @@ def test_blocks_are_stored_as_uint16_and_loaded_as_int64(tmp_path, default_tok_d
     column = prepared.train.data.column("input_ids")
     assert str(column.type) == "fixed_size_list<item: uint16>[48]"
     info = next(iter(prepared.stats["datasets"].values()))
-    assert info["token_dtype"] == "uint16" and info["cache_version"] == prepare_module.CACHE_VERSION
+    assert info["token_dtype"] == "uint16" and info["cache_version"] == prepare_module.CACHE_VERSIONS["pretrain"]
     train = info["splits"]["train"]
     assert 2 * train["tokens"] < train["bytes"] < 2 * train["tokens"] + 1024  # + the Arrow file's schema and footer
     batch = next(iter(build_train_loader(prepared.train, run, rank=0, tokenizer=tokenizer)))
@@ -119,7 +122,7 @@ def test_cache_of_an_earlier_version_is_rebuilt_with_a_log_line(tmp_path, defaul
     run = make_run(tmp_path, "pretrain", [spec(write_jsonl(tmp_path / "t.jsonl", rows))], default_tok_dir, seq_length=48)
     tokenizer = load_tokenizer(run)
     with monkeypatch.context() as old:
-        old.setattr(prepare_module, "CACHE_VERSION", 2)
+        old.setattr(prepare_module, "CACHE_VERSIONS", {"pretrain": 2})
         old.setattr(pretrain, "token_dtype", lambda tok: "int32")
         old.setattr(pretrain, "block_features", lambda dtype, seq: datasets.Features({"input_ids": OLD_FEATURE}))
         before = prepare_data(run, tokenizer)
@@ -137,3 +140,23 @@ def test_cache_of_an_earlier_version_is_rebuilt_with_a_log_line(tmp_path, defaul
     with caplog.at_level(logging.INFO, logger="ironcore.data.prepare"):
         prepare_data(run, tokenizer)
     assert not [r for r in caplog.records if "rebuilding" in r.getMessage()]
+
+
+@pytest.mark.parametrize("tok_fixture", ["default_tok_dir", "own_tok_dir", "llama_tok_dir"])
+@pytest.mark.parametrize("split_special_tokens", [False, True])
+def test_fast_encoder_gives_the_ids_of_the_tokenizer_call(request, tok_fixture, split_special_tokens):
+    """`encode_batch_fast` on a copy of the backend equals `tokenizer(texts)`: BOS of a LLaMA tokenizer, special-token
+    text inside a document (split or not, as the tokenizer says), whatever truncation an earlier call left set."""
+    tokenizer = AutoTokenizer.from_pretrained(str(request.getfixturevalue(tok_fixture)),
+                                              split_special_tokens=split_special_tokens)
+    tokenizer(["an earlier call with truncation"], truncation=True, max_length=2)
+    texts = [r["text"] for r in text_rows(6, words=40)] + [f"a {tokenizer.eos_token} b", "", "  ", "x"]
+    backend = pretrain.backend_encoder(tokenizer)
+    expected = tokenizer(texts)["input_ids"]
+    assert [encoding.ids for encoding in backend.encode_batch_fast(texts)] == expected
+    eos = tokenizer.eos_token_id
+    flat = pretrain._encode(texts, tokenizer=tokenizer, backend=backend, eos_id=eos, dtype="uint16")
+    ended = [ids if ids[-1:] == [eos] else ids + [eos] for text, ids in zip(texts, expected, strict=True) if text and ids]
+    assert flat.dtype == np.uint16 and flat.tolist() == list(itertools.chain.from_iterable(ended))
+    plain = pretrain._encode(texts, tokenizer=tokenizer, backend=None, eos_id=eos, dtype="uint16")
+    assert plain.tolist() == flat.tolist()

@@ -20,8 +20,9 @@ from helpers_data import (  # noqa: F401
     trained_runs,
     write_jsonl,
 )
+from transformers import AutoTokenizer
 
-from ironcore.data import build_eval_loader, build_train_loader, load_tokenizer, prepare_data
+from ironcore.data import build_eval_loader, build_train_loader, load_tokenizer, prepare_data, sft
 from ironcore.data.sft import IGNORE_INDEX, encode_chats, generation_masks, span_masks
 from ironcore.data.tokenizer import DEFAULT_CHAT_TEMPLATE
 from ironcore.errors import DataError
@@ -269,3 +270,56 @@ def test_templates_that_reject_rows_or_are_not_prefix_stable(tmp_path, own_tok_d
     run = make_run(tmp_path, "sft", [spec(path)], own_tok_dir, chat_template=counting)
     with pytest.raises(DataError, match=r"'c': the chat template renders a conversation's beginning differently"):
         prepare_data(run, load_tokenizer(run))
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_rows_are_stored_in_two_bytes_a_token_and_collated_as_int64(tmp_path, default_tok_dir, pack):
+    """Issue 16: ids in uint16 and labels in int16 (the built-in vocabulary has 2,048 ids), packed positions in uint16:
+    4 bytes a token for ids + labels (+ 2 for positions) plus the per-row list offsets; the batch is int64."""
+    run = make_run(tmp_path, "sft", [spec(write_jsonl(tmp_path / "c.jsonl", chat_rows(30)))], default_tok_dir,
+                   pack_sequences=pack)
+    tokenizer = load_tokenizer(run)
+    prepared = prepare_data(run, tokenizer)
+    types = {name: str(prepared.train.data.column(name).type) for name in prepared.train.column_names}
+    expected = {"input_ids": "list<item: uint16>", "labels": "list<item: int16>"}
+    assert types == ({**expected, "position_ids": "list<item: uint16>"} if pack else expected)
+    info = prepared.stats["datasets"]["c"]
+    assert (info["token_dtype"], info["label_dtype"]) == ("uint16", "int16")
+    train = info["splits"]["train"]
+    per_token, offsets = 6 if pack else 4, 4 * len(types) * (train["rows"] + 1)
+    assert per_token * train["tokens"] + offsets < train["bytes"] < per_token * train["tokens"] + offsets + 4096
+    batch = next(iter(build_train_loader(prepared.train, run, rank=0, tokenizer=tokenizer)))
+    assert {batch[k].dtype for k in ("input_ids", "labels", "position_ids")} == {torch.int64}
+    for b, sample in enumerate(batch["sample_ids"].tolist()):
+        n = int(batch["attention_mask"][b].sum())
+        assert batch["labels"][b, :n].tolist() == prepared.train[sample]["labels"]
+        assert (batch["labels"][b, :n] == IGNORE_INDEX).any() and (batch["labels"][b, n:] == IGNORE_INDEX).all()
+
+
+def test_vocabulary_over_32768_ids_stores_labels_as_int32(tmp_path, default_tok_dir):
+    """-100 needs a sign: ids of 32,768 and up no longer fit int16 labels (they still fit uint16 ids)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(default_tok_dir))
+    tokenizer.add_tokens([f"<y{i}>" for i in range(2**15)])
+    big = tmp_path / "big_tok"
+    tokenizer.save_pretrained(str(big))
+    top = f"<y{2**15 - 1}>"
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i} {top}"}]}
+            for i in range(8)]
+    run = make_run(tmp_path, "sft", [spec(write_jsonl(tmp_path / "c.jsonl", rows))], big, vocab_size=len(tokenizer))
+    prepared = prepare_data(run, load_tokenizer(run))
+    assert str(prepared.train.data.column("input_ids").type) == "list<item: uint16>"
+    assert str(prepared.train.data.column("labels").type) == "list<item: int32>"
+    top_id = tokenizer.convert_tokens_to_ids(top)
+    assert top_id >= 2**15 and all(top_id in row["labels"] for row in prepared.train)
+
+
+def test_a_bad_row_found_by_a_worker_process_is_one_error_naming_the_row(tmp_path, default_tok_dir, monkeypatch):
+    """With `data.num_workers: 2` the row is read and rejected in a worker; the error crosses back unchanged and no
+    entry is left complete."""
+    monkeypatch.setattr(sft, "ROWS_PER_TASK", 4)
+    rows = chat_rows(12)
+    rows[9]["messages"] = "a bare string"
+    run = make_run(tmp_path, "sft", [spec(write_jsonl(tmp_path / "c.jsonl", rows))], default_tok_dir, num_workers=2)
+    with pytest.raises(DataError, match=r"^data.train_datasets\[0\] 'c' row 9 column 'messages' holds str, expected a list"):
+        prepare_data(run, load_tokenizer(run))
+    assert not any(p.name.startswith("c-") for p in (tmp_path / "cache" / "preprocessed").iterdir())

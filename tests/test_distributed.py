@@ -389,3 +389,37 @@ def test_tensor_parallelism_is_refused_naming_the_field_and_why(tmp_path):
     assert result.returncode != 0
     [line] = error_lines(result.output)
     assert "trainer.tensor_model_parallel_size=2" in line and "tp_plan" in line and "MULTI_CPU" in line
+
+
+# ---------------------------------------------------------------- from a pretrained checkpoint: rank-0 loading
+
+# Global batch 8 as the single-process reference (4 rows x 2 accumulation steps); 2 steps from the baseline's export.
+FROM_PRETRAINED = [*PRETRAIN, "operation.train_steps=2"]
+PRETRAINED_LAYOUTS = {
+    "fsdp": ["trainer.micro_batch_size=2", "trainer.gradient_accumulation_steps=2", "parallel.use_fsdp=true"],
+    "zero3": ["trainer.micro_batch_size=4", "trainer.gradient_accumulation_steps=1",
+              "parallel.deepspeed_config=zero3"],
+}
+
+
+@pytest.fixture(scope="module")
+def from_pretrained_single(baseline, tmp_path_factory) -> Path:
+    """One process fine-tuning the baseline's export for 2 steps: the reference the 2-rank layouts must match."""
+    run_dir = tmp_path_factory.mktemp("from-pretrained") / "single"
+    run(run_dir, [*FROM_PRETRAINED, f"init.from_pretrained={baseline / 'export'}", "trainer.micro_batch_size=4",
+                  "trainer.gradient_accumulation_steps=2"], fresh=True)
+    return run_dir
+
+
+@pytest.mark.parametrize("layout", sorted(PRETRAINED_LAYOUTS))
+def test_two_ranks_from_a_pretrained_checkpoint_start_from_its_weights(layout, baseline, from_pretrained_single,
+                                                                       tmp_path):
+    """FSDP2 (rank 0 loads, rank 1 builds on meta, the weights are broadcast while sharding) and ZeRO-3 (each rank
+    loads, DeepSpeed partitions): the first step's loss, computed on the initial weights, equals one process's,
+    and is well below the baseline's first loss, so they are the pretrained weights."""
+    run_dir = tmp_path / layout
+    run(run_dir, [*FROM_PRETRAINED, f"init.from_pretrained={baseline / 'export'}", *PRETRAINED_LAYOUTS[layout]],
+        nproc=2, fresh=True)
+    single, two = losses(from_pretrained_single), losses(run_dir)
+    assert abs(two[1] - single[1]) <= TOL, (two, single)
+    assert single[1] < losses(baseline)[1] - 0.2

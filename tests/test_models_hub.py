@@ -4,7 +4,6 @@ the real huggingface_hub code, offline (tests/conftest.py sets HF_HUB_OFFLINE=1)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 from helpers_data import VOCAB, default_tok_dir_fixture  # noqa: F401
+from helpers_hub import REVISION, checkpoint_dir, hub_cache_fixture, into_hub_cache  # noqa: F401
 from helpers_train import CACHE, cli_errors, train_in_process
 from transformers import (
     AutoModelForCausalLM,
@@ -36,7 +36,6 @@ from ironcore.errors import CheckpointError, ConfigError
 from ironcore.models import build_model, load_pretrained
 from ironcore.models.conversion import ironcore_to_source
 
-REVISION = "0123456789abcdef0123456789abcdef01234567"
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
 
@@ -51,40 +50,9 @@ def tiny_llama(vocab: int = VOCAB) -> LlamaForCausalLM:
     )).eval()
 
 
-def checkpoint_dir(path: Path, model, tok_dir: Path | None) -> Path:
-    model.save_pretrained(path)
-    if tok_dir is not None:
-        AutoTokenizer.from_pretrained(tok_dir).save_pretrained(path)
-    return path
-
-
-def into_hub_cache(cache: Path, repo_id: str, model_dir: Path, revision: str = REVISION) -> Path:
-    """Files of `model_dir` laid out as the Hub's cache holds a download: blobs, a snapshot of links, refs/main."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    blobs, snapshot = repo / "blobs", repo / "snapshots" / revision
-    blobs.mkdir(parents=True, exist_ok=True)
-    snapshot.mkdir(parents=True)
-    for file in sorted(model_dir.iterdir()):
-        blob = blobs / hashlib.sha256(file.read_bytes()).hexdigest()
-        shutil.copyfile(file, blob)
-        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(revision)
-    return snapshot
-
-
 @pytest.fixture(name="llama_dir")
 def llama_dir_fixture(tmp_path, default_tok_dir) -> Path:
     return checkpoint_dir(tmp_path / "llama", tiny_llama(), default_tok_dir)
-
-
-@pytest.fixture(name="hub_cache")
-def hub_cache_fixture(tmp_path, monkeypatch) -> Path:
-    """An empty HF cache for this test (the constant huggingface_hub reads HF_HUB_CACHE into at import)."""
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 def run_file(tmp_path: Path, source: str, model: dict | None = None, **data) -> Path:
@@ -235,6 +203,49 @@ def test_hub_bad_inputs(tmp_path, llama_dir, hub_cache):
         tmp_path, str(other))
 
 
+# The Hub's answers as it sends them (status and X-Error-Code header), which huggingface_hub's own error mapping
+# (hf_raise_for_status) turns into its exception classes: only the network is replaced, by httpx's mock transport.
+HUB_ANSWERS = {
+    "missing": ("tiny-org/no-such-model", 401, "RepoNotFound", "Repository not found",
+                "init.from_pretrained: no Hub repository named tiny-org/no-such-model (or it is private: log in with "
+                "`hf auth login` or set HF_TOKEN)"),
+    "gated": ("tiny-org/gated", 403, "GatedRepo", "Access to model tiny-org/gated is restricted.",
+              "init.from_pretrained: tiny-org/gated is a gated repository: accept its terms on huggingface.co, then "
+              "log in with `hf auth login` (or set HF_TOKEN)"),
+    "revision": ("tiny-org/tiny-llama@nope", 404, "RevisionNotFound", "Invalid rev id: nope",
+                 "init.from_pretrained: tiny-org/tiny-llama has no revision 'nope'"),
+}
+
+
+@pytest.mark.parametrize("case", HUB_ANSWERS)
+def test_hub_errors_from_the_network_are_one_line_and_exit_2(tmp_path, hub_cache, monkeypatch, capsys, case):
+    """Online (HF_HUB_OFFLINE unset), the Hub answering with the error: `ironcore train` exits 2 with one line
+    that says what to do, and writes nothing (no run directory, nothing in the cache)."""
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    source, status, code, message, expected = HUB_ANSWERS[case]
+    requests = []
+
+    def hub(request: httpx2.Request) -> httpx2.Response:
+        requests.append(str(request.url))
+        return httpx2.Response(status, headers={"X-Error-Code": code, "X-Error-Message": message},
+                               json={"error": message}, request=request)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub)))
+    try:
+        code_, errors = cli_errors(["train", str(run_file(tmp_path, source))], capsys)
+    finally:
+        _http.set_client_factory(_http.default_client_factory)
+    repo_id = source.partition("@")[0]
+    assert any(f"huggingface.co/api/models/{repo_id}/" in url for url in requests), requests  # it did ask the Hub
+    assert (code_, errors) == (2, [f"error: {expected}"])
+    assert not (tmp_path / "run").exists()
+    assert not any(p.is_file() for p in hub_cache.rglob("*")), list(hub_cache.rglob("*"))
+
+
 def test_gpt2_checkpoint_derives_absolute_positions_and_refuses_a_shorter_table(tmp_path, default_tok_dir):
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4))
@@ -320,3 +331,55 @@ def test_a_bf16_checkpoint_becomes_float32_master_weights(tmp_path, default_tok_
     embed = model.model.embed_tokens.weight
     torch.testing.assert_close(embed[:VOCAB], bf16.model.embed_tokens.weight.float(), atol=0, rtol=0)
     assert model.lm_head.weight is embed  # still tied after the load
+
+
+# ------------------------------------------------------------------------------------------------ chat template
+
+SOURCE_TEMPLATE = (  # the checkpoint's own: ChatML-like with a different turn header than IronCore's default
+    "{%- for message in messages -%}{{- '### ' + message['role'] + ':\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}{% generation %}{{- message['content'] + eos_token -}}{% endgeneration %}"
+    "{%- else -%}{{- message['content'] + eos_token -}}{%- endif -%}{{- '\\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '### assistant:\\n' -}}{%- endif -%}"
+)
+DATA_TEMPLATE = SOURCE_TEMPLATE.replace("### ", ">> ")  # what a run's data.chat_template sets instead
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+
+
+@pytest.mark.parametrize("template_from", ["checkpoint", "data.chat_template"])
+def test_sft_export_carries_the_chat_template_and_generation_config_it_trained_with(tmp_path, default_tok_dir,
+                                                                                    template_from):
+    """SFT from a checkpoint whose tokenizer has a chat template and whose generation_config.json sets stop tokens
+    and sampling: the run's export and `ironcore export` (source architecture) carry the template the run trained
+    with (the checkpoint's, or data.chat_template when set) and the checkpoint's generation config."""
+    from transformers import GenerationConfig
+
+    from ironcore.data import load_tokenizer
+
+    source = checkpoint_dir(tmp_path / "source", tiny_llama(), None)
+    tokenizer = AutoTokenizer.from_pretrained(default_tok_dir)
+    tokenizer.chat_template = SOURCE_TEMPLATE
+    tokenizer.save_pretrained(source)
+    stops = [tokenizer.eos_token_id, 5]
+    GenerationConfig(eos_token_id=stops, do_sample=True, temperature=0.6, top_p=0.9).save_pretrained(source)
+    data = {"task_type": "sft", "seq_length": 64, "cache_dir": str(CACHE),
+            "train_datasets": [{"dataset_path": "builtin:sft", "max_samples": 64}],
+            **({"chat_template": DATA_TEMPLATE} if template_from == "data.chat_template" else {})}
+    run = load_config(run_file(tmp_path, str(source), **data))
+    trained = load_tokenizer(run)
+    expected = DATA_TEMPLATE if template_from == "data.chat_template" else SOURCE_TEMPLATE
+    assert trained.chat_template == expected
+    run_dir = train_in_process(run).parent
+    out = tmp_path / "native"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    prompt = trained.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith(("### assistant:\n", ">> assistant:\n"))
+    for export in (run_dir / "export", out):
+        loaded = AutoTokenizer.from_pretrained(export)
+        assert loaded.chat_template == expected, export
+        assert loaded.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == prompt, export
+        generation = GenerationConfig.from_pretrained(export)
+        assert (generation.eos_token_id, generation.temperature, generation.top_p) == (stops, 0.6, 0.9), export
+    native = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    ids = loaded(prompt, return_tensors="pt")
+    assert native.generate(**ids, max_new_tokens=3).shape[1] > ids["input_ids"].shape[1]

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ironcore import objectives
 from ironcore.objectives import (
+    ChunkedCrossEntropy,
     dpo_loss,
     dpo_reward_metrics,
     lm_loss_sum,
@@ -37,6 +39,40 @@ def test_token_weighted_loss_over_chunks_equals_full_batch_mean():
     # averaging per-chunk means instead would weight the short rows up: the test can tell the two apart
     mean_of_means = sum(s / c for s, c in zip(sums, counts, strict=True)) / len(chunks)
     assert abs(mean_of_means.item() - full_mean.item()) > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_elements", [5 * V, 2**20])  # ragged chunks of 5 rows (48 = 9 x 5 + 3); one chunk
+def test_chunked_cross_entropy_equals_plain_loss_and_gradients(monkeypatch, dtype, chunk_elements):
+    """The training loss path against `F.cross_entropy(logits.float(), ..., reduction="sum")`, as autocast gives it:
+    the same loss to fp32 rounding, the same logits gradient (fp32: to 1e-6; bf16: both round the same fp32 value to
+    bf16 once, so to bf16's own tolerance), zero gradient on ignored rows, and the upstream gradient applied."""
+    monkeypatch.setattr(objectives, "CPU_CHUNK_ELEMENTS", chunk_elements)
+    logits, labels = padded_batch(2)
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+    flat = logits.flatten(0, 1).to(dtype)
+    ours, plain = flat.clone().requires_grad_(), flat.clone().requires_grad_()
+    loss = ChunkedCrossEntropy.apply(ours, targets)
+    ref = F.cross_entropy(plain.float(), targets, ignore_index=-100, reduction="sum")
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    (loss * 0.37).backward()
+    (ref * 0.37).backward()
+    assert ours.grad.dtype == dtype
+    torch.testing.assert_close(ours.grad, plain.grad, **({"rtol": 0, "atol": 1e-6} if dtype == torch.float32 else {}))
+    assert ours.grad[targets == -100].abs().max() == 0
+
+
+def test_lm_loss_sum_leaves_the_logits_unchanged_and_needs_no_grad():
+    """fp32 chunks are views of the logits: the loss must never write into them; under no_grad (eval) it is a value."""
+    logits, labels = padded_batch(3)
+    before = logits.clone()
+    with torch.no_grad():
+        loss_sum, _ = lm_loss_sum(logits, labels)
+    assert torch.equal(logits, before) and not loss_sum.requires_grad
+    leaf = logits.clone().requires_grad_()
+    lm_loss_sum(leaf, labels)[0].backward()
+    assert torch.equal(leaf.detach(), before)
 
 
 def test_token_logprobs_shift_mask_and_fp32():
@@ -101,3 +137,41 @@ def test_dpo_loss_gradient_flows_to_policy_only_through_loss():
     loss.sum().backward()
     # d/dpc of -logsigmoid(beta * (pc - rc - pr + rr)) at 0 is -beta * sigmoid(0) = -0.25
     assert pc.grad.item() == pytest.approx(-0.25)
+
+
+def test_bf16_training_loss_without_accelerates_fp32_outputs_equals_the_wrapped_path(tmp_path):
+    """`drop_fp32_output_wrapper` (what the loop applies after prepare) lets bf16 logits reach the loss, which upcasts
+    them chunk by chunk: the same loss and parameter gradients as Accelerate's wrapped forward, whose logits come
+    back as an fp32 copy (bf16 rounding of the logits gradient happens once either way)."""
+    from helpers_model import tiny_run
+    from helpers_train import reset_accelerate
+
+    from ironcore.models import build_model
+    from ironcore.tasks import LanguageModeling
+    from ironcore.translate import build_accelerator, drop_fp32_output_wrapper
+
+    reset_accelerate()
+    run = tiny_run(precision="bfloat16")
+    accelerator = build_accelerator(run)
+    model = accelerator.prepare(build_model(run))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 60, (2, 16), generator=g)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids),
+             "position_ids": torch.arange(16).expand(2, -1)}
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor], torch.dtype]:
+        model.zero_grad(set_to_none=True)
+        with accelerator.autocast():
+            logits_dtype = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.dtype
+            loss = LanguageModeling()(model, batch).loss_sum
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()], logits_dtype
+
+    wrapped_loss, wrapped_grads, wrapped_dtype = loss_and_grads()
+    drop_fp32_output_wrapper(accelerator, model)
+    loss, grads, dtype = loss_and_grads()
+    assert (wrapped_dtype, dtype) == (torch.float32, torch.bfloat16)
+    assert loss.item() == pytest.approx(wrapped_loss.item(), rel=1e-6)
+    for ours, theirs in zip(grads, wrapped_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    reset_accelerate()

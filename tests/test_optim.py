@@ -72,6 +72,28 @@ def test_embeddings_decay_when_asked_and_untied_head_always_decays():
     assert no_decay == NORMS_AND_BIASES | {"wte.weight", "wpe.weight"}
 
 
+
+def test_zero3_partitioned_parameters_are_grouped_by_their_full_shape(monkeypatch):
+    """Built under a real `deepspeed.zero.Init` (CPU, a gloo world of 1), every parameter is a flat 1-d shard
+    (what `load_pretrained_partitioned` hands the optimizer); the groups follow the full shapes (`ds_shape`),
+    exactly as for the same model unpartitioned, so the decay group is not emptied."""
+    deepspeed = pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": {"stage": 3},
+                                                      "train_micro_batch_size_per_gpu": 1}):
+            model = TinyLM(tied=False)
+    finally:
+        dist.destroy_process_group()
+    assert {p.ndim for p in model.parameters()} == {1}
+    assert model.h[0].fc.weight.ds_shape == (16, 8)
+    decay, no_decay = group_names(model, param_groups(model, OptimConfig()))
+    assert decay == MATRICES | {"lm_head.weight"}
+    assert no_decay == NORMS_AND_BIASES | {"wte.weight", "wpe.weight"}
+
 NORM_OR_BIAS = re.compile(r"(\.bias$|(^|\.)(attn_norm|mlp_norm|norm)\.weight$)")
 
 

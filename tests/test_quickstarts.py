@@ -88,3 +88,35 @@ def test_readme_quickstart_script_trains_exports_generates_and_plots(tmp_path):
     assert all("set trainer.peak_tflops" in line for line in warnings), warnings  # a loaded machine's MFU peak
     log_lines = [line for line in re.split(r"[\r\n]", result.stderr) if re.search(r" (INFO|WARNING) ", line)]
     assert log_lines and all(re.match(r"\d{4}-\d\d-\d\d ", line) for line in log_lines), log_lines
+
+
+def test_offline_pipeline_script_chains_pretrain_sft_dpo_through_native_exports(tmp_path):
+    """`bash examples/pipeline.sh --short` from a copy of examples/: pretrain -> GPT-2 export -> SFT from it -> export
+    -> DPO from that -> export -> a chat reply, one stdout line per stage. Every export is a plain GPT-2 checkpoint
+    that AutoModelForCausalLM loads, and the SFT export's tokenizer carries the chat template it was trained with."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.copytree(REPO / "examples", tmp_path / "examples", ignore=shutil.ignore_patterns("runs"))
+    env = {**os.environ, "IRONCORE_CACHE": str(CACHE), "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(tmp_path / "examples" / "pipeline.sh"), "--short"], env=env,
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["pretrain", "export", "sft", "export", "dpo", "export", "chat"]
+    assert re.match(r"pretrain: train loss \d+\.\d+ at step 5 -> \d+\.\d+ at step 20; eval at step 20: loss ", lines[0])
+    assert "token accuracy" in lines[2] and "reward accuracy" in lines[4] and "reward margin" in lines[4]
+    out = tmp_path / "runs" / "pipeline"
+    sft_config = (out / "sft" / "config.yaml").read_text()
+    assert "from_pretrained: runs/pipeline/pretrain-gpt2" in sft_config  # each stage starts from the last export
+    assert "from_pretrained: runs/pipeline/sft-gpt2" in (out / "dpo" / "config.yaml").read_text()
+    for stage in ("pretrain", "sft", "dpo"):
+        export = out / f"{stage}-gpt2"
+        assert f"export: runs/pipeline/{stage}-gpt2 " in result.stdout
+        config = (export / "config.json").read_text()
+        assert '"model_type": "gpt2"' in config and "auto_map" not in config
+        assert type(AutoModelForCausalLM.from_pretrained(export)).__name__ == "GPT2LMHeadModel"
+    sft_tokenizer = AutoTokenizer.from_pretrained(out / "sft-gpt2")
+    prompt = sft_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                               tokenize=False)
+    assert prompt == f"<|im_start|>user\nhi{sft_tokenizer.eos_token}\n<|im_start|>assistant\n"
+    assert re.fullmatch(r"chat: 'What does `json\.dumps` do\?' -> '.+'", lines[6], re.S), lines[6]

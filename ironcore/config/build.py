@@ -48,8 +48,10 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return coerce(inner, value, where)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return coerce(inner[0], value, where)
+        return coerce_alternatives(inner, value, where)
     if origin is Literal:
         if value in args:
             return value
@@ -88,6 +90,17 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {describe(value)}")
     raise TypeError(f"schema type {tp!r} of {where} is not handled")
+
+
+def coerce_alternatives(alternatives: list[Any], value: Any, where: str) -> Any:
+    """A union of several types (`tuple[str, ...] | str`): the first alternative whose shape the value has, so a
+    YAML list is the list and a scalar the scalar; the error names every alternative."""
+    for tp in alternatives:
+        is_list = typing.get_origin(tp) is tuple
+        if (is_list and isinstance(value, (list, tuple))) or (not is_list and not isinstance(value, (list, tuple, dict))):
+            return coerce(tp, value, where)
+    expected = " or ".join("a list" if typing.get_origin(tp) is tuple else f"a {tp.__name__}" for tp in alternatives)
+    raise ConfigError(f"{where}: expected {expected}, got {describe(value)}")
 
 
 def check_range(value: Any, meta: typing.Mapping[str, Any], where: str) -> Any:

@@ -55,6 +55,8 @@ def resolve(run: RunConfig, world_size: int | None = None, given: Mapping[str, A
     validate_model_config(run.model)
     validate_schedule(run.optim, run.operation.train_steps)
     validate_profiling(run.utils)
+    validate_streaming(run)
+    validate_samples_and_benchmarks(run)
     if run.init.data_parallel_random_init and parallel.world_size > 1:
         raise ConfigError(
             "init.data_parallel_random_init: not supported with more than one process: DDP, FSDP and DeepSpeed "
@@ -250,7 +252,60 @@ def resolve_data(data: DataConfig, model: ModelConfig) -> DataConfig:
     if data.pad_token_id >= data.vocab_size:
         raise ConfigError(f"data.pad_token_id: {data.pad_token_id} is outside the vocabulary (data.vocab_size "
                           f"{data.vocab_size}); use an id below it, or -1 for the EOS token")
-    return replace(data, task_type=task_type(data), seq_length=seq_length)
+    streams = {group: tuple(replace(spec, streaming=data.streaming) if spec.streaming is None else spec
+                            for spec in getattr(data, group))
+               for group in ("train_datasets", "eval_datasets", "test_datasets") if getattr(data, group)}
+    return replace(data, task_type=task_type(data), seq_length=seq_length, **streams)
+
+
+def validate_streaming(run: RunConfig) -> None:
+    """What a stream cannot honour, refused at load: rows held out of it by `data.splits`, SFT packing, a DPO
+    reference table indexed by row, and an eval/test stream with no end (a Hub stream without `max_samples`)."""
+    data = run.data
+    train_streams = [i for i, spec in enumerate(data.train_datasets or ()) if spec.streaming]
+    if train_streams:
+        where = f"data.train_datasets[{train_streams[0]}] streams"
+        held = {"eval": data.splits[1] > 0 and not data.eval_datasets, "test": data.splits[2] > 0 and not data.test_datasets}
+        if any(held.values()):
+            role = next(r for r, h in held.items() if h)
+            raise ConfigError(f"{where}: data.splits {list(data.splits)} holds {role} rows out, which a stream cannot; "
+                              f"give data.{role}_datasets or set data.splits to [1, 0, 0]")
+        if data.task_type == "sft" and data.pack_sequences:
+            raise ConfigError(f"{where}: data.pack_sequences packs a cached split; set it false for a streaming run")
+        if data.task_type == "dpo" and run.optim.dpo_precompute_ref:
+            raise ConfigError(f"{where}: optim.dpo_precompute_ref scores every training row up front, which a stream "
+                              "has no end for; set it false")
+    from ironcore.data.sources import builtin_kind, local_files  # reads no data: names and file existence only
+
+    for role in ("eval", "test"):
+        for i, spec in enumerate(getattr(data, f"{role}_datasets") or ()):
+            if not spec.streaming or spec.max_samples is not None:
+                continue
+            if builtin_kind(spec, data.task_type or "pretrain") is None and local_files(spec.dataset_path) is None:
+                raise ConfigError(f"data.{role}_datasets[{i}].max_samples: a streaming {role} entry from the Hub "
+                                  f"('{spec.dataset_path}') has no end; set max_samples (its first N documents)")
+
+
+def validate_samples_and_benchmarks(run: RunConfig) -> None:
+    """operation.sample_prompts readable and generated where the model is whole (not sharded by FSDP or ZeRO-3,
+    whose generation would need every rank); operation.benchmark_tasks with lm_eval installed and its task dir."""
+    import importlib.util
+
+    from ironcore.samples import read_prompts
+
+    operation, p = run.operation, run.parallel
+    if read_prompts(operation.sample_prompts):
+        from ironcore.translate import deepspeed_stage
+
+        if p.use_fsdp or (p.deepspeed_config and deepspeed_stage(p.deepspeed_config) == 3):
+            sharding = "parallel.use_fsdp" if p.use_fsdp else f"parallel.deepspeed_config={p.deepspeed_config}"
+            raise ConfigError(f"operation.sample_prompts: not supported with {sharding} (the model is sharded, and "
+                              "samples are generated on the main process); generate from the export after training")
+    if operation.benchmark_tasks and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("operation.benchmark_tasks: lm-evaluation-harness is not installed: pip install -e '.[eval]'")
+    include = operation.benchmark_include_path
+    if include is not None and not os.path.isdir(include):
+        raise ConfigError(f"operation.benchmark_include_path: {include} is not a directory of task YAMLs")
 
 
 def task_type(data: DataConfig) -> TaskType | None:

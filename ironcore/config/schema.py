@@ -91,6 +91,20 @@ class OperationConfig:
         "parallel.fsdp_state_dict_type: sharded); DeepSpeed always saves its native shards; refused without either",
     )
     exit_interval: int | None = option(None, "Exit cleanly after N optimizer steps (saves first)", ge=1)
+    benchmark_tasks: tuple[str, ...] = option(
+        (), "lm-evaluation-harness tasks (hellaswag, arc_easy, ...) run on the export at the end of training; scores "
+        "go to the trackers and eval_results.json (needs ironcore[eval])", added=True,
+    )
+    benchmark_limit: int | None = option(None, "Evaluate at most N documents per benchmark task (None: all)", ge=1, added=True)
+    benchmark_include_path: str | None = option(
+        None, "Directory of extra lm-evaluation-harness task YAMLs (local tasks), as `ironcore eval --include-path`",
+        added=True,
+    )
+    sample_prompts: tuple[str, ...] | str | None = option(
+        None, "Prompts the model completes every eval_interval (also without trainer.do_eval), with the export's "
+        "sampling settings, to show what it learned: a list of prompts, or a string naming a file with one prompt per "
+        "line; appended to samples_text.jsonl and the trackers. Not with FSDP / ZeRO-3", added=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -167,6 +181,10 @@ class DatasetSpec:
     chosen_column: str = option("chosen", "DPO chosen column")
     rejected_column: str = option("rejected", "DPO rejected column")
     max_samples: int | None = option(None, "Read at most this many rows", ge=1)
+    streaming: bool | None = option(
+        None, "Read the entry as a stream, tokenized on the fly in the loader workers, never cached (None: data.streaming); "
+        "for corpora larger than the disk", added=True
+    )
 
 
 @dataclass(frozen=True)
@@ -207,6 +225,9 @@ class DataConfig:
     )
     chat_template: str | None = option(
         None, "Jinja chat template (None: the tokenizer's, else IronCore's default)", added=True
+    )
+    streaming: bool = option(
+        False, "Stream every dataset entry that does not set its own `streaming` (corpora larger than the disk)", added=True
     )
 
 

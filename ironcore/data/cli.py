@@ -15,6 +15,7 @@ from ironcore.config.schema import DatasetSpec, RunConfig
 from ironcore.data import report
 from ironcore.data.prepare import prepare_data, required_task
 from ironcore.data.sources import is_string, load_source, require_column
+from ironcore.data.streaming import StreamMix
 from ironcore.data.tokenizer import load_tokenizer, train_tokenizer
 from ironcore.errors import ConfigError
 
@@ -25,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("config", help="run config YAML")
     pre.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.seq_length=512")
     pre.add_argument("--inspect", action="store_true", help="print counts, token statistics, fill and trained-token ratio")
+    pre.add_argument("--inspect-documents", type=int, default=1000, metavar="N",
+                     help="streaming entries: --inspect statistics over their first N documents")
     pre.add_argument("--preview", type=int, default=0, metavar="N", help="print N decoded training rows, trained spans in ⟦ ⟧")
     pre.set_defaults(func=preprocess_command)
 
@@ -51,13 +54,21 @@ def _load_config(path: str, overrides) -> RunConfig:
 
 
 def preprocess_command(args: argparse.Namespace) -> int:
-    return preprocess(_load_config(args.config, args.overrides), inspect=args.inspect, preview=args.preview)
+    return preprocess(_load_config(args.config, args.overrides), inspect=args.inspect, preview=args.preview,
+                      inspect_documents=args.inspect_documents)
 
 
-def preprocess(run: RunConfig, *, inspect: bool = False, preview: int = 0) -> int:
-    """Build (or find) the cache entries of `run` and print a summary, statistics and previews."""
+def preprocess(run: RunConfig, *, inspect: bool = False, preview: int = 0, inspect_documents: int = 1000) -> int:
+    """Build (or find) the cache entries of `run` and print a summary, statistics and previews (streaming entries
+    are not cached: their statistics cover their first `inspect_documents` documents)."""
+    if inspect_documents < 1:
+        raise ConfigError(f"--inspect-documents must be at least 1, got {inspect_documents}")
     tokenizer = load_tokenizer(run)
     prepared = prepare_data(run, tokenizer)
+    if inspect and isinstance(prepared.train, StreamMix):
+        for entry in prepared.train.entries:
+            if entry.spec is not None:
+                prepared.stats["datasets"][entry.name] = report.stream_stats(entry, prepared, inspect_documents)
     print(f"{prepared.task}: {prepared.stats['train_rows']} train rows, {prepared.stats['eval_rows']} eval rows, "
           f"{prepared.stats['test_rows']} test rows of {prepared.seq_length} tokens at most")
     if inspect:

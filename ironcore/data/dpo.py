@@ -13,7 +13,7 @@ A row without a chosen or rejected answer (or without the prompt it needs) is a 
 row. Pairs whose prompts differ, unknown roles, too-long pairs under `truncation: drop`, and pairs
 whose two sides are the same tokens (chosen equals rejected, or equal once truncated: such a pair
 has no preference to learn and would only add a constant ln 2 to the loss) are skipped and counted,
-like SFT rows.
+like SFT rows. Both sides are stored like SFT rows (`sft.sample_features`: 4 bytes a token for ids + labels).
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from ironcore.config.schema import DatasetSpec
-from ironcore.data.sft import TOKEN_FEATURE, Status, encode_rows, fit_length, has_assistant_reply, to_messages
+from ironcore.data.sft import (
+    Status,
+    encode_rows,
+    fit_length,
+    has_assistant_reply,
+    map_rows,
+    sample_features,
+    to_messages,
+)
 from ironcore.data.sources import is_json, is_messages, is_string, require_column
 from ironcore.errors import DataError
 
@@ -130,7 +138,7 @@ def tokenize_dpo(
     spec: DatasetSpec,
     seq_length: int,
     truncation: str,
-    num_proc: int | None,
+    num_workers: int,
     label: str,
     cache_file: str,
 ) -> datasets.Dataset:
@@ -138,10 +146,7 @@ def tokenize_dpo(
     columns = check_dpo_columns(ds, spec, label)
     fn = partial(_dpo_batch, tokenizer=tokenizer, template=tokenizer.chat_template, columns=columns,
                  seq_length=seq_length, truncation=truncation, label=label)
-    features = datasets.Features({
-        "chosen_input_ids": TOKEN_FEATURE, "chosen_labels": TOKEN_FEATURE,
-        "rejected_input_ids": TOKEN_FEATURE, "rejected_labels": TOKEN_FEATURE,
-        "status": datasets.Value("int8"),
-    })
-    return ds.map(fn, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
-                  num_proc=num_proc, cache_file_name=cache_file, desc=f"DPO tokenize {label}")
+    features = datasets.Features({**sample_features(tokenizer, ("chosen_", "rejected_")),
+                                  "status": datasets.Value("int8")})
+    needed = [c for c in dict.fromkeys(columns) if c is not None]
+    return map_rows(ds.select_columns(needed), fn, features, num_workers=num_workers, cache_file=cache_file)

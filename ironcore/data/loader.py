@@ -11,21 +11,27 @@ global rows, so `state_dict()` is the same on every rank, and restoring it (even
 size) continues with exactly the rows that come next, without reading the consumed ones.
 `sample_ids` are row indices of the dataset. Iterating never draws from torch's global RNG, so a resumed
 run's dropout continues the restored stream exactly.
+
+A run with a streaming entry gets `StreamingTrainLoader` instead: no length, no epoch permutation; the order is
+the streams' (mixed by ratio), sharded by rank and worker, and the position is every rank's stream state.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 
 import datasets
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from ironcore.config.schema import RunConfig
 from ironcore.data.collate import DPOCollator, LMCollator
+from ironcore.data.streaming import SampleStream, StreamMix
 from ironcore.errors import DataError
 
 
@@ -47,6 +53,13 @@ class _Rows(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]
+
+
+def _rank_generator(seed: int, rank: int) -> torch.Generator:
+    """The DataLoader's own RNG, seeded from (seed, rank). Without one, starting an iterator draws the workers'
+    base seed from torch's global generator, the one dropout uses: a resumed run would draw it right after its
+    RNG state was restored, where the uninterrupted run is mid-stream, and every later dropout mask would shift."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0]))
 
 
 class TrainLoader:
@@ -106,24 +119,20 @@ class TrainLoader:
             batch_sampler=self._index_batches(self.epoch, self.cursor),
             collate_fn=self.collate,
             num_workers=self.num_workers,
-            generator=self._generator(),
+            generator=_rank_generator(self.seed, self.rank),
         )
         for batch in loader:
             self._advance()
             yield batch
-
-    def _generator(self) -> torch.Generator:
-        """The DataLoader's own RNG, seeded from (seed, rank). Without one, starting an iterator draws the workers'
-        base seed from torch's global generator, the one dropout uses: a resumed run would draw it right after its
-        RNG state was restored, where the uninterrupted run is mid-stream, and every later dropout mask would shift."""
-        seed = np.random.SeedSequence([self.seed, self.rank]).generate_state(1, np.uint64)[0]
-        return torch.Generator().manual_seed(int(seed))
 
     def state_dict(self) -> dict:
         """The position after the last batch handed out (prefetched batches do not count)."""
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "num_samples": len(self.dataset)}
 
     def load_state_dict(self, state: dict) -> None:
+        if "streams" in state:
+            raise DataError(f"the checkpoint's data position is for the streams {', '.join(state['streams'])}, but "
+                            "this run reads cached datasets only; the dataset list changed")
         if state["num_samples"] != len(self.dataset) or state["seed"] != self.seed:
             raise DataError(
                 f"the saved data position is for {state['num_samples']} training rows with seed {state['seed']}, "
@@ -169,14 +178,18 @@ def make_collator(run: RunConfig, tokenizer: PreTrainedTokenizerBase | None):
 
 
 def build_train_loader(
-    dataset: datasets.Dataset,
+    dataset: datasets.Dataset | StreamMix,
     run: RunConfig,
     *,
     rank: int,
     tokenizer: PreTrainedTokenizerBase | None = None,
-) -> TrainLoader:
+) -> TrainLoader | StreamingTrainLoader:
     """This rank's infinite, resumable micro-batch iterator over `dataset` (pass `tokenizer` to skip reloading it),
-    for the data-parallel size the run was resolved for."""
+    for the data-parallel size the run was resolved for; a streaming mixture gets the streaming loader."""
+    if isinstance(dataset, StreamMix):
+        return StreamingTrainLoader(dataset, make_collator(run, tokenizer), micro_batch_size=run.trainer.micro_batch_size,
+                                    rank=rank, world_size=run.derived.data_parallel_size, seed=run.init.seed,
+                                    num_workers=run.trainer.num_workers)
     return TrainLoader(
         dataset,
         make_collator(run, tokenizer),
@@ -206,3 +219,62 @@ def build_eval_loader(
         world_size=run.derived.data_parallel_size,
         max_samples=max_samples,
     )
+
+
+# torchdata 0.11 calls torch.set_vital, deprecated in torch 2.13 (a no-op kept for compatibility): one warning per
+# iterator started, about torchdata's code, that says nothing to the user
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+
+
+class StreamingTrainLoader:
+    """This rank's endless micro-batches of a streaming mixture (`streaming.SampleStream`), resumable.
+
+    The position is torchdata's `StatefulDataLoader` state (each worker's stream state and which worker hands out
+    the next batch). Ranks read different shards, so their states differ: `state_dict` gathers every rank's
+    (collective, like the checkpoint save that calls it) and `load_state_dict` takes this rank's.
+    """
+
+    def __init__(self, mix: StreamMix, collate: Callable[[list[dict]], dict], *, micro_batch_size: int, rank: int,
+                 world_size: int, seed: int, num_workers: int = 0):
+        self.mix, self.rank, self.world_size = mix, rank, world_size
+        self.stream = SampleStream(mix, rank=rank, world_size=world_size, num_workers=num_workers)
+        self.stream.check_shards()
+        self.loader = StatefulDataLoader(self.stream, batch_size=micro_batch_size, collate_fn=collate,
+                                         num_workers=num_workers, generator=_rank_generator(seed, rank))
+        self.batches = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        try:
+            for batch in self.loader:
+                self.batches += 1
+                yield batch
+        except DataError as err:  # raised in a worker, it comes back wrapped with the worker's traceback
+            message = str(err).strip().splitlines()[-1].removeprefix("ironcore.errors.DataError: ")
+            raise DataError(f"{message} (micro-batch {self.batches + 1} of this run)") from None
+
+    def state_dict(self) -> dict:
+        state = {"streams": self.mix.describe(), "world_size": self.world_size,
+                 "num_workers": self.loader.num_workers, "loader": self.loader.state_dict()}
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.world_size > 1:
+            ranks: list = [None] * self.world_size
+            torch.distributed.all_gather_object(ranks, state["loader"])
+            state["loader"] = ranks
+        else:
+            state["loader"] = [state["loader"]]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "streams" not in state:
+            raise DataError("the checkpoint's data position is for cached datasets, but this run streams "
+                            f"{', '.join(self.mix.describe())}; the dataset list changed")
+        if state["streams"] != self.mix.describe():
+            old, new = set(state["streams"]), set(self.mix.describe())
+            raise DataError(f"the checkpoint's stream state belongs to another dataset list: it has "
+                            f"{', '.join(sorted(old - new)) or 'the same entries in another order'}, this run has "
+                            f"{', '.join(sorted(new - old)) or 'the same entries in another order'}")
+        now = {"world_size": self.world_size, "num_workers": self.loader.num_workers}
+        for key, value in now.items():
+            if state[key] != value:
+                raise DataError(f"the checkpoint's stream state was saved with {key}={state[key]}, this run has "
+                                f"{value}: streams are sharded by both, so resume with the same")
+        self.loader.load_state_dict(state["loader"][self.rank])

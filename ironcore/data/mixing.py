@@ -12,6 +12,10 @@ A sample is a tokenized row: a pretrain block, an SFT sample (or, with packing, 
 DPO pair. A dataset with ratio 0 is left out of training (its eval/test splits still count). When
 using a big dataset completely at a tiny ratio would make the mixture more than `MAX_GROWTH` times
 the data, that is a ConfigError: raise its ratio or cap it with `max_samples`.
+
+With a streaming entry (`mix_streams`) nothing has a length: the same ratios become per-sample draw
+probabilities inside the loader (`streaming.SampleStream`), every entry restarting when it ends, and a
+cached entry joins as an IterableDataset of its rows; the run then never holds the mixture on disk.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import logging
 
 import datasets
 
+from ironcore.data.streaming import Entry, StreamMix, check_first_row
 from ironcore.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 MAX_GROWTH = 50
+CACHED_SHARDS = 24  # a cached part mixed into streams: divisible by 1, 2, 3, 4, 6, 8, 12, 24 ranks x workers
 
 
 def check_ratios(ratios: list[float]) -> None:
@@ -64,3 +70,28 @@ def _check_growth(parts: list[datasets.Dataset], probabilities: list[float], nam
             f"train dataset '{names[worst]}' ({len(parts[worst])} rows at {probabilities[worst]:.2%}) would need a mixture "
             f"of about {expected:,.0f} rows to be used once; raise its ratio or set its max_samples"
         )
+
+
+def mix_streams(parts: list, ratios: list[float], names: list[str], *, seed: int, task: str) -> StreamMix:
+    """The streaming mixture: each sample drawn from part i with probability ratio_i (normalised); a cached part
+    (a `datasets.Dataset`) joins as an IterableDataset of its rows, in file order, as many shards as it has rows
+    up to `CACHED_SHARDS` so any rank x worker layout that divides it reads disjoint rows."""
+    check_ratios(ratios)
+    keep = [i for i, r in enumerate(ratios) if r > 0]
+    for i in set(range(len(parts))) - set(keep):
+        logger.info("train dataset '%s' has ratio 0 and is not trained on", names[i])
+    entries = []
+    for i in keep:
+        part = parts[i]
+        if isinstance(part, datasets.Dataset):
+            if len(part) == 0:
+                raise DataError(f"train dataset '{names[i]}' has no training rows, but its ratio is {ratios[i]}")
+            rows = part.to_iterable_dataset(num_shards=min(CACHED_SHARDS, len(part)))
+            part = Entry(name=names[i], label=f"train dataset '{names[i]}'", spec=None, rows=rows, encode=None)
+        else:
+            check_first_row(part, task)
+        entries.append(part)
+    total = sum(ratios[i] for i in keep)
+    probabilities = [ratios[i] / total for i in keep]
+    logger.info("Streaming mixture: %s", ", ".join(f"{names[i]} {p:.1%}" for i, p in zip(keep, probabilities, strict=True)))
+    return StreamMix(entries=entries, probabilities=probabilities, seed=seed)

@@ -13,8 +13,13 @@ never re-tokenizes.
 
 Storage: pretrain blocks are fixed-size lists of uint16 (uint32 when the tokenizer has more than 65,536
 ids; `pretrain.token_dtype`), 2 (4) bytes a token where cache version 2 stored int32 lists with per-row
-offsets. Entries of an earlier cache version are never read: their fingerprint differs, so the entry is
-rebuilt, with a log line naming the old folder (which can then be deleted).
+offsets; SFT/DPO ids and labels take 2 + 2 bytes a token where version 3 took 4 + 4 (`sft.sample_features`).
+Entries of an earlier cache version (`CACHE_VERSIONS`, per task) are never read: their fingerprint differs,
+so the entry is rebuilt, with a log line naming the old folder (which can then be deleted).
+
+Streaming entries (`streaming: true`) are never cached: a training stream joins the mixture as a
+`streaming.Entry` tokenized in the loader workers; an eval/test stream is read up to its `max_samples` documents
+and tokenized in memory (`streaming.py`).
 
 Splits: every training entry is split into train / eval / test rows by `data.splits` (normalised),
 with a fixed seed (`SPLIT_SEED`, independent of `init.seed`, so held-out rows stay the same across
@@ -43,7 +48,7 @@ import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from ironcore.config.schema import DatasetSpec, RunConfig
-from ironcore.data import dpo, mixing, pretrain, sft
+from ironcore.data import dpo, mixing, pretrain, sft, streaming
 from ironcore.data.cache import build_atomically, fingerprint, is_complete
 from ironcore.data.sources import check_source, dataset_name, load_source, source_fingerprint
 from ironcore.data.tokenizer import cache_root, tokenizer_fingerprint
@@ -51,7 +56,9 @@ from ironcore.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # 2: SFT skips empty answers, DPO skips identical pairs; 3: uint16/uint32 pretrain blocks
+# Per task, so that a layout change rebuilds only the entries it changes. 2: SFT skips empty answers, DPO skips
+# identical pairs; 3: uint16/uint32 pretrain blocks; 4: SFT/DPO ids in uint16/uint32 and labels in int16/int32.
+CACHE_VERSIONS = {"pretrain": 3, "sft": 4, "dpo": 4}
 SPLIT_SEED = 1234
 SPLITS = ("train", "eval", "test")
 
@@ -60,7 +67,7 @@ SPLITS = ("train", "eval", "test")
 class PreparedData:
     """Tokenized datasets ready for the loaders; `eval` / `test` are None when no rows are held out."""
 
-    train: datasets.Dataset
+    train: datasets.Dataset | streaming.StreamMix
     eval: datasets.Dataset | None
     test: datasets.Dataset | None
     task: str
@@ -131,6 +138,11 @@ def prepare_data(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Prepared
     held: dict[str, list[datasets.Dataset]] = {"eval": [], "test": []}
     train_parts, entry_stats = [], {}
     for i, (spec, name) in enumerate(zip(run.data.train_datasets, names, strict=True)):
+        if spec.streaming:
+            train_parts.append(context.stream(spec, name, _label("train", i, name)))
+            entry_stats[name] = {"name": name, "dataset_path": spec.dataset_path, "streaming": True,
+                                 "rows_in": "streamed", "status": {}, "splits": {}}  # `--inspect` reads its head
+            continue
         parts, info = context.entry(spec, name, _label("train", i, name), fractions)
         train_parts.append(parts["train"])
         for split in ("eval", "test"):
@@ -140,16 +152,26 @@ def prepare_data(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Prepared
     for role in ("eval", "test"):
         specs = getattr(run.data, f"{role}_datasets") or ()
         for i, (spec, name) in enumerate(zip(specs, _unique_names(specs), strict=True)):
+            if spec.streaming:  # the first max_samples documents (or the whole named split), in memory
+                part, read = streaming.materialize(context.stream(spec, name, _label(role, i, name)), task, seq_length)
+                held[role].append(part)
+                entry_stats[f"{role}:{name}"] = {"name": name, "dataset_path": spec.dataset_path, "streaming": True,
+                                                 "rows_in": read, "status": {"documents": read},
+                                                 "splits": {role: split_stats(part, seq_length, task)}}
+                continue
             parts, info = context.entry(spec, name, _label(role, i, name), {role: 1.0})
             held[role].append(parts[role])
             entry_stats[f"{role}:{name}"] = info
-    train = mixing.mix(train_parts, ratios, names, seed=run.init.seed)
+    if any(spec.streaming for spec in run.data.train_datasets):
+        train = mixing.mix_streams(train_parts, ratios, names, seed=run.init.seed, task=task)
+    else:
+        train = mixing.mix(train_parts, ratios, names, seed=run.init.seed)
     evaluation, test = _combine(held["eval"]), _combine(held["test"])
     total = sum(ratios)
     stats = {
         "task": task,
         "seq_length": seq_length,
-        "train_rows": len(train),
+        "train_rows": len(train) if isinstance(train, datasets.Dataset) else "streamed",
         "eval_rows": len(evaluation) if evaluation is not None else 0,
         "test_rows": len(test) if test is not None else 0,
         "mixture": {name: (r / total if total else 0.0) for name, r in zip(names, ratios, strict=True)},
@@ -198,13 +220,14 @@ class _Context:
 
     def key(self, spec: DatasetSpec, fractions: dict[str, float], version: int | None = None) -> str:
         """The entry's fingerprint; `version` gives the one an earlier cache version computed for the same inputs."""
-        version = CACHE_VERSION if version is None else version
+        version = CACHE_VERSIONS[self.task] if version is None else version
         payload = {
             "version": version,
             "task": self.task,
             "seq_length": self.seq_length,
             "tokenizer": self.tokenizer_hash,
-            "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("name", "ratio")},
+            # name and ratio do not change the tokens; a cached entry is never streaming
+            "spec": {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("name", "ratio", "streaming")},
             "source": source_fingerprint(spec, self.task),
             "splits": fractions,
             "split_seed": SPLIT_SEED,
@@ -216,6 +239,13 @@ class _Context:
         if self.task == "sft":
             payload["pack"] = self.run.data.pack_sequences
         return fingerprint(payload)
+
+    def stream(self, spec: DatasetSpec, name: str, label: str) -> streaming.Entry:
+        """A streaming entry: its rows opened (nothing read yet) and the encoder the loader workers run."""
+        rows = streaming.open_rows(spec, task=self.task, cache_dir=_datasets_cache(self.run), label=label)
+        encode = streaming.encoder(spec, self.task, self.tokenizer, seq_length=self.seq_length,
+                                   truncation=self.run.data.truncation, label=label)
+        return streaming.Entry(name=name, label=label, spec=spec, rows=rows, encode=encode)
 
     def entry(self, spec: DatasetSpec, name: str, label: str, fractions: dict[str, float]):
         """The entry's split datasets (from the cache, built first if needed) and its statistics."""
@@ -230,11 +260,12 @@ class _Context:
     def _note_outdated(self, root: Path, spec: DatasetSpec, name: str, label: str, fractions: dict) -> None:
         """Warn about the entry an earlier cache version built for the same inputs: it is rebuilt (minutes to hours
         for a big corpus, and the disk it takes twice), not read."""
-        for version in range(CACHE_VERSION - 1, 0, -1):
+        current = CACHE_VERSIONS[self.task]
+        for version in range(current - 1, 0, -1):
             old = root / f"{name}-{self.key(spec, fractions, version)[:16]}"
             if is_complete(old):
                 logger.warning("%s: rebuilding; %s was built by cache version %d (this is version %d) and can be deleted",
-                            label, old, version, CACHE_VERSION)
+                            label, old, version, current)
                 return
 
     def _build(self, spec: DatasetSpec, name: str, label: str, fractions: dict[str, float], tmp: Path) -> dict:
@@ -247,8 +278,7 @@ class _Context:
         if self.task == "pretrain":
             parts, counts = self._blocks(raw, spec, label, fractions, work)
         else:
-            num_proc = self.run.data.num_workers if self.run.data.num_workers > 1 else None
-            parts, counts = self._samples(raw, spec, label, fractions, num_proc, work)
+            parts, counts = self._samples(raw, spec, label, fractions, work)
         for split, ds in parts.items():
             ds.save_to_disk(str(tmp / split))
         names = list(parts)
@@ -258,9 +288,10 @@ class _Context:
         for s in names:
             splits[s]["bytes"] = sum(f.stat().st_size for f in (tmp / s).glob("*.arrow"))
         info = {"name": name, "label": label, "dataset_path": spec.dataset_path, "task": self.task,
-                "cache_version": CACHE_VERSION, "rows_in": len(raw), "status": counts, "splits": splits}
-        if self.task == "pretrain":
-            info["token_dtype"] = pretrain.token_dtype(self.tokenizer)
+                "cache_version": CACHE_VERSIONS[self.task], "rows_in": len(raw), "status": counts, "splits": splits}
+        info["token_dtype"] = pretrain.token_dtype(self.tokenizer)
+        if self.task != "pretrain":
+            info["label_dtype"] = sft.label_dtype(self.tokenizer)
         return info
 
     def _blocks(self, raw, spec, label, fractions, work: Path):
@@ -277,11 +308,11 @@ class _Context:
                             f"than one block of {self.seq_length}")
         return parts, {"documents": len(raw)}
 
-    def _samples(self, raw, spec, label, fractions, num_proc, work: Path):
+    def _samples(self, raw, spec, label, fractions, work: Path):
         """SFT / DPO: tokenize every row, drop skipped ones (counted), split, pack (SFT, if asked)."""
         tokenize = sft.tokenize_sft if self.task == "sft" else dpo.tokenize_dpo
         rows = tokenize(raw, self.tokenizer, spec=spec, seq_length=self.seq_length, truncation=self.run.data.truncation,
-                        num_proc=num_proc, label=label, cache_file=str(work / "tokenized.arrow"))
+                        num_workers=self.run.data.num_workers, label=label, cache_file=str(work / "tokenized.arrow"))
         counts = sft.status_counts(np.asarray(rows.data.column("status")))
         kept = rows.filter(_is_kept, input_columns="status", batched=True, keep_in_memory=True).remove_columns("status")
         if len(kept) == 0:  # before the warning below: the error alone says it, on the one line a bad input gets

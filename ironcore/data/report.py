@@ -1,6 +1,7 @@
 """What `ironcore preprocess --inspect / --preview` shows: per-dataset statistics and decoded samples.
 
-Statistics come from the cache entries' `COMPLETE.json` (computed once at build time): rows, skipped
+Statistics come from the cache entries' `COMPLETE.json` (computed once at build time; a streaming entry: from the
+samples of its first `--inspect-documents` rows, tokenized for the report): rows, skipped
 rows by reason, tokens, trained tokens and their ratio, mean / max row length, and fill (tokens /
 (rows * seq_length): the packing efficiency of packed or padded rows), and for pretrain the stored
 token type and bytes per token on disk. Previews decode rows with the
@@ -9,10 +10,13 @@ trained spans between `TRAIN_OPEN` and `TRAIN_CLOSE` and packed samples separate
 
 from __future__ import annotations
 
+import itertools
+
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from ironcore.data.prepare import PreparedData
+from ironcore.data.prepare import PreparedData, split_stats
+from ironcore.data.streaming import Entry, SampleStream, StreamMix, materialize
 from ironcore.data.sft import IGNORE_INDEX
 
 TRAIN_OPEN, TRAIN_CLOSE = "⟦", "⟧"
@@ -45,11 +49,20 @@ def format_inspect(prepared: PreparedData) -> str:
     lines.append(f"train rows {stats['train_rows']}, eval rows {stats['eval_rows']}, test rows {stats['test_rows']}")
     for name, info in stats["datasets"].items():
         lines.append(f"{name}: {info['rows_in']} input rows; " + ", ".join(f"{k} {v}" for k, v in info["status"].items()))
-        stored = [(split, st["bytes"] / st["tokens"]) for split, st in info["splits"].items() if st.get("tokens")]
+        stored = [(split, st["bytes"] / st["tokens"]) for split, st in info["splits"].items()
+                  if st.get("tokens") and "bytes" in st]  # a stream stores nothing
         if "token_dtype" in info and stored:
             per_token = ", ".join(f"{split} {b:.3f}" for split, b in stored)
             lines.append(f"{name}: tokens stored as {info['token_dtype']}; bytes per token on disk: {per_token}")
     return "\n".join(lines)
+
+
+def stream_stats(entry: Entry, prepared: PreparedData, documents: int) -> dict:
+    """A streaming entry's statistics in a cache entry's layout, over the samples of its first `documents` rows."""
+    head, read = materialize(entry, prepared.task, prepared.seq_length, documents=documents)
+    stats = split_stats(head, prepared.seq_length, prepared.task)
+    return {"name": entry.name, "rows_in": read, "status": {"documents": read},
+            "splits": {f"first {read} documents": stats}}
 
 
 def mark_trained(ids: list[int], labels: list[int] | None, tokenizer: PreTrainedTokenizerBase,
@@ -76,11 +89,15 @@ def _decoded(run: list[int], trained: bool, tokenizer) -> str:
     return f"{TRAIN_OPEN}{text}{TRAIN_CLOSE}" if trained else text
 
 
-def preview(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, n: int) -> list[str]:
-    """The first `n` rows decoded; pretrain rows are fully trained, so they are shown unmarked."""
+def preview(dataset: datasets.Dataset | StreamMix, tokenizer: PreTrainedTokenizerBase, n: int) -> list[str]:
+    """The first `n` rows decoded (a stream: its first `n` mixed samples); pretrain rows are fully trained, so they
+    are shown unmarked."""
     out = []
-    for k in range(min(n, len(dataset))):
-        row = dataset[k]
+    if isinstance(dataset, StreamMix):
+        rows = itertools.islice(iter(SampleStream(dataset, rank=0, world_size=1, num_workers=0)), n)
+    else:
+        rows = (dataset[k] for k in range(min(n, len(dataset))))
+    for row in rows:
         if "chosen_input_ids" in row:
             chosen = mark_trained(row["chosen_input_ids"], row["chosen_labels"], tokenizer)
             rejected = mark_trained(row["rejected_input_ids"], row["rejected_labels"], tokenizer)

@@ -17,6 +17,14 @@ turn after a prompt, an assistant turn whose content is null, empty or blank (it
 end-of-turn token: "answer nothing"), a template that raises on the row, a sample longer than
 `seq_length` under `truncation: drop`, or no trained token left after truncation. A value of the
 wrong type (a string where a message list belongs) is a `DataError` naming the row.
+
+Storage (cache version 4): `input_ids` in `pretrain.token_dtype` (uint16 for up to 65,536 ids, else uint32),
+`labels` in `label_dtype` (int16 when every id is below 32,768, else int32: labels hold ids and -100, so they
+need a sign), packed `position_ids` in uint16 (uint32 past 65,536 tokens a row). That is 4 bytes a token for
+ids + labels where version 3 stored 8 (two int32 lists). Labels stay a column of their own, not a mask
+rebuilt at load time, so every reader of a cached row (collators, `--preview`, statistics) sees what the loss
+sees; the collators widen everything to int64. Rows are tokenized in `data.num_workers` processes
+(`map_rows`, through the same `workers.map_ranges` as pretrain documents), in row order.
 """
 
 from __future__ import annotations
@@ -27,17 +35,22 @@ from functools import partial
 
 import datasets
 import numpy as np
+import pyarrow as pa
+from datasets.arrow_writer import ArrowWriter
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from ironcore.config.schema import DatasetSpec
+from ironcore.data.pretrain import UINT16_IDS, id_count, token_dtype
 from ironcore.data.sources import is_json, is_messages, is_string, require_column
+from ironcore.data.workers import map_ranges, row_ranges
 from ironcore.errors import DataError
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
-TOKEN_FEATURE = datasets.List(datasets.Value("int32"))
+INT16_IDS = 2**15
+ROWS_PER_TASK = 128  # conversations per worker task: tens of milliseconds of template rendering and tokenizing
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -57,6 +70,24 @@ class Status(enum.IntEnum):
 
 
 KEPT = (Status.OK, Status.TRUNCATED)
+
+
+def label_dtype(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The narrowest signed type holding every id of `tokenizer` and IGNORE_INDEX."""
+    return "int16" if id_count(tokenizer) <= INT16_IDS else "int32"
+
+
+def position_dtype(seq_length: int) -> str:
+    return "uint16" if seq_length <= UINT16_IDS else "uint32"
+
+
+def sample_features(tokenizer: PreTrainedTokenizerBase, prefixes: tuple[str, ...] = ("",)) -> dict[str, datasets.List]:
+    """`<prefix>input_ids` and `<prefix>labels` columns in the narrowest types for `tokenizer`."""
+    ids, labels = (datasets.List(datasets.Value(t)) for t in (token_dtype(tokenizer), label_dtype(tokenizer)))
+    features = {}
+    for prefix in prefixes:
+        features.update({f"{prefix}input_ids": ids, f"{prefix}labels": labels})
+    return features
 
 
 def status_counts(statuses: list[int]) -> dict[str, int]:
@@ -297,7 +328,7 @@ def tokenize_sft(
     spec: DatasetSpec,
     seq_length: int,
     truncation: str,
-    num_proc: int | None,
+    num_workers: int,
     label: str,
     cache_file: str,
 ) -> datasets.Dataset:
@@ -305,9 +336,25 @@ def tokenize_sft(
     columns = check_sft_columns(ds, spec, label)
     fn = partial(_sft_batch, tokenizer=tokenizer, template=tokenizer.chat_template, columns=columns,
                  seq_length=seq_length, truncation=truncation, label=label)
-    features = datasets.Features({"input_ids": TOKEN_FEATURE, "labels": TOKEN_FEATURE, "status": datasets.Value("int8")})
-    return ds.map(fn, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
-                  num_proc=num_proc, cache_file_name=cache_file, desc=f"SFT tokenize {label}")
+    features = datasets.Features({**sample_features(tokenizer), "status": datasets.Value("int8")})
+    return map_rows(ds.select_columns(list(columns)), fn, features, num_workers=num_workers, cache_file=cache_file)
+
+
+def _arrow_rows(ds: datasets.Dataset, start: int, stop: int, *, batch_fn, schema: pa.Schema) -> pa.Table:
+    """`batch_fn` of rows [start, stop) as an Arrow table of the storage types, built where it was computed."""
+    return pa.Table.from_pydict(batch_fn(ds[start:stop], range(start, stop)), schema=schema)
+
+
+def map_rows(ds: datasets.Dataset, batch_fn, features: datasets.Features, *, num_workers: int,
+             cache_file: str) -> datasets.Dataset:
+    """`batch_fn(batch, row_indices) -> columns` over `ds` in `num_workers` processes (`workers.map_ranges`: each
+    worker reads its rows and sends back an Arrow table, not Python lists), written in row order to `cache_file`."""
+    rows = partial(_arrow_rows, batch_fn=batch_fn, schema=features.arrow_schema)
+    with ArrowWriter(features=features, path=cache_file) as writer:
+        for table in map_ranges(ds, row_ranges(len(ds), ROWS_PER_TASK), rows, num_workers):
+            writer.write_table(table)
+        writer.finalize()
+    return datasets.Dataset.from_file(cache_file)
 
 
 # ---- packing -------------------------------------------------------------------------------------
@@ -345,6 +392,8 @@ def pack(ds: datasets.Dataset, *, seq_length: int, cache_file: str) -> datasets.
     each sample, which is how the model and the attention know where one sample ends. One process, so
     the windows (and the rows) do not depend on `data.num_workers`; packing is cheap next to tokenizing.
     """
-    features = datasets.Features({"input_ids": TOKEN_FEATURE, "labels": TOKEN_FEATURE, "position_ids": TOKEN_FEATURE})
+    positions = datasets.List(datasets.Value(position_dtype(seq_length)))
+    features = datasets.Features({"input_ids": ds.features["input_ids"], "labels": ds.features["labels"],
+                                  "position_ids": positions})
     return ds.map(partial(_pack_batch, seq_length=seq_length), batched=True, batch_size=1000,
                   remove_columns=ds.column_names, features=features, cache_file_name=cache_file, desc="Pack")

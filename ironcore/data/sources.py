@@ -127,7 +127,7 @@ def load_source(spec: DatasetSpec, *, task: str, cache_dir: str | None, label: s
     else:
         files = local_files(spec.dataset_path)
         if files is None:
-            ds = _load_hub(spec, cache_dir, label)
+            ds = load_hub(spec, cache_dir, label)
         elif Path(spec.dataset_path).expanduser().is_dir():
             ds = _load_folder(Path(spec.dataset_path).expanduser(), spec, cache_dir, label)
         else:
@@ -136,6 +136,16 @@ def load_source(spec: DatasetSpec, *, task: str, cache_dir: str | None, label: s
         ds = ds.select(range(spec.max_samples))
     logger.info("%s: %d rows from %s", label, len(ds), spec.dataset_path)
     return ds
+
+
+def local_format(spec: DatasetSpec, label: str) -> tuple[str, list[Path]] | None:
+    """The `datasets` builder and data files of a local entry (a folder: its data files), None for a Hub name."""
+    files = local_files(spec.dataset_path)
+    if files is None:
+        return None
+    folder = Path(spec.dataset_path).expanduser()
+    files = _data_files(folder, label) if folder.is_dir() else files
+    return _builder(files, label), files
 
 
 def _builder(files: list[Path], label: str) -> str:
@@ -222,8 +232,12 @@ def _quiet_builder(builder: str) -> Iterator[None]:
         log.setLevel(level)
 
 
-def _load_hub(spec: DatasetSpec, cache_dir: str | None, label: str) -> datasets.Dataset:
+def load_hub(spec: DatasetSpec, cache_dir: str | None, label: str, *, streaming: bool = False
+             ) -> datasets.Dataset | datasets.IterableDataset:
+    """A Hub dataset's split (streamed: nothing downloaded up front); unreachable, unknown or no such split: one line."""
     try:
+        if streaming:
+            return datasets.load_dataset(spec.dataset_path, spec.subset, split=spec.split, streaming=True)
         return datasets.load_dataset(spec.dataset_path, spec.subset, split=spec.split, cache_dir=cache_dir)
     except ConnectionError:
         raise DataError(

@@ -29,11 +29,12 @@ import math
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import (
+    GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -436,10 +437,10 @@ def llama_ironcore_config(c: Any, precision: str) -> IronCoreConfig:
     )
 
 
-def llama_to_ironcore(model: PreTrainedModel, seq_len: int | None = None, *, share: bool = False) -> IronCoreForCausalLM:
+def llama_to_ironcore(model: PreTrainedModel, seq_len: int | None = None) -> IronCoreForCausalLM:
     """A LLaMA, Mistral or Qwen2 model as an IronCore model (no vocabulary padding); ConfigError for variants it
     cannot express. `seq_len` (default: the model's max_position_embeddings) is the longest sequence the model will
-    see, which a sliding window must cover. `share`: take the model's tensors, not copies (see `_build`)."""
+    see, which a sliding window must cover."""
     c = model.config
     problems = from_llama_family_problems(c, seq_len)
     if problems:
@@ -449,7 +450,7 @@ def llama_to_ironcore(model: PreTrainedModel, seq_len: int | None = None, *, sha
         k.replace(".input_layernorm.", ".attn_norm.").replace(".post_attention_layernorm.", ".mlp_norm."): v
         for k, v in model.state_dict().items()
     }
-    return _build(IronCoreForCausalLM, config, state, like=model, share=share)
+    return _build(IronCoreForCausalLM, config, state, like=model)
 
 
 def _precision(model: PreTrainedModel) -> str:
@@ -509,12 +510,9 @@ def skeleton(model_cls: type, config: Any) -> Any:
         return model_cls(config)
 
 
-def _build(model_cls: type, config: Any, state: dict[str, torch.Tensor], like: PreTrainedModel,
-           share: bool = False) -> Any:
-    """`share` (IronCore targets only): the new model takes `state`'s tensors instead of copies, so a conversion
-    inside a load holds the weights once; the source must then be dropped, not used again."""
-    model = skeleton(model_cls, config) if share else uninitialized(model_cls, config)
-    load_state(model, state, f"{type(like).__name__} weights", share=share)
+def _build(model_cls: type, config: Any, state: dict[str, torch.Tensor], like: PreTrainedModel) -> Any:
+    model = uninitialized(model_cls, config)
+    load_state(model, state, f"{type(like).__name__} weights")
     return model.to(like.dtype).train(like.training)
 
 
@@ -621,16 +619,6 @@ def check_model_dir(path: Path) -> str:
     config_cls, model_cls = ARCHITECTURES[model_type]
     _check_checkpoint(path, model_cls, config_cls.from_pretrained(path))
     return model_type
-
-
-def to_ironcore(model: PreTrainedModel, seq_len: int | None = None, share: bool = False) -> IronCoreForCausalLM:
-    """Any supported model as an IronCore model; `seq_len` bounds the sequences (checked against sliding windows).
-    `share` (LLaMA family): reuse the model's tensors (GPT-2's fused, transposed ones are always new)."""
-    if isinstance(model, IronCoreForCausalLM):
-        return model
-    if isinstance(model, GPT2LMHeadModel):
-        return gpt2_to_ironcore(model)
-    return llama_to_ironcore(model, seq_len, share=share)
 
 
 def native_problems(config: Any, seq_len: int | None = None) -> list[str]:
@@ -760,16 +748,7 @@ def checkpoint_fields(source: str | Path, seq_len: int | None = None) -> tuple[P
     IronCore cannot express is one CheckpointError naming the config.json field."""
     path = pretrained_dir(source)
     model_type = check_model_dir(path)  # a broken weight file is named now, before any field is compared
-    native = ARCHITECTURES[model_type][0].from_pretrained(path)
-    problems = native_problems(native, seq_len)
-    if problems:
-        raise CheckpointError(f"{path}: IronCore cannot express this {model_type} checkpoint: " + "; ".join(problems))
-    if model_type == "ironcore":
-        config = native
-    elif model_type == "gpt2":
-        config = gpt2_ironcore_config(native, "float32")
-    else:
-        config = llama_ironcore_config(native, "float32")
+    config = pretrained_config(path, model_type, seq_len)
     values = {**config.spec_fields(), **{k: getattr(config, v) for k, v in DROPOUT_FIELDS.items()}}
     keys = SOURCE_KEYS[model_type]
     return path, {name: (value, keys.get(name, f"({model_type} architecture)")) for name, value in values.items()}
@@ -782,10 +761,13 @@ def load_pretrained(path: str | Path, run_or_config: Any = None) -> IronCoreForC
     directory's architecture. With a RunConfig or IronCoreConfig
     the architecture must match it (else CheckpointError naming the differing fields) and the model takes that
     config's training settings (dropout, recompute, attention, vocabulary padding).
+
+    The checkpoint goes straight into IronCore's parameters, one tensor at a time (`read_ironcore_state`) into a
+    meta-device skeleton: no native transformers model is built, so host memory peaks at about the float32 model
+    plus the mapped pages of the one tensor being read (benchmarks/import_memory.py measures it).
     """
     path = pretrained_dir(path)
     model_type = check_model_dir(path)
-    config_cls, model_cls = ARCHITECTURES[model_type]
     target = None
     if run_or_config is not None:
         target = (
@@ -793,19 +775,124 @@ def load_pretrained(path: str | Path, run_or_config: Any = None) -> IronCoreForC
             if isinstance(run_or_config, IronCoreConfig)
             else IronCoreConfig.from_run_config(run_or_config)
         )
-    seq_len = target.max_position_embeddings if target is not None else None
-    problems = native_problems(config_cls.from_pretrained(path), seq_len)
+    source = pretrained_config(path, model_type, target.max_position_embeddings if target is not None else None)
+    if target is not None:
+        check_same_architecture(source, target, str(path))
+    model = skeleton(IronCoreForCausalLM, target or source)
+    state = read_ironcore_state(path, model_type, model.config, source.unpadded_vocab_size)
+    load_state(model, state, f"{path} ({model_type} weights)", share=True)
+    if (path / "generation_config.json").is_file():  # as from_pretrained: the checkpoint's decoding defaults
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.train(target is not None)  # from_pretrained's eval mode, or ready to train for a run
+
+
+def pretrained_config(path: Path, model_type: str, seq_len: int | None = None) -> IronCoreConfig:
+    """The IronCoreConfig of a checked model directory, from its config.json alone (float32, no vocabulary
+    padding for native types); what IronCore cannot express is one CheckpointError naming the config.json field.
+    `seq_len` is the longest sequence the model will see (a sliding window must cover it)."""
+    native = ARCHITECTURES[model_type][0].from_pretrained(path)
+    problems = native_problems(native, seq_len)
     if problems:
         raise CheckpointError(f"{path}: IronCore cannot express this {model_type} checkpoint: " + "; ".join(problems))
-    # float32 master weights whatever the checkpoint's dtype (bf16 on the Hub): training autocasts from them; the
-    # loaded native model is dropped once converted, its tensors reused (share), so the weights are held once
-    native = model_cls.from_pretrained(path, dtype=torch.float32)
-    source = to_ironcore(native, seq_len, share=True)
-    del native
-    if target is None:
-        return source
-    check_same_architecture(source.config, target, str(path))
-    return retarget(source, target, share=True)
+    if model_type == "ironcore":
+        return native
+    if model_type == "gpt2":
+        return gpt2_ironcore_config(native, "float32")
+    return llama_ironcore_config(native, "float32")
+
+
+def _copy(stored: torch.Tensor) -> torch.Tensor:
+    return stored.to(torch.float32, copy=True)
+
+
+def _transposed(stored: torch.Tensor) -> torch.Tensor:
+    """GPT-2's Conv1D (in, out) as nn.Linear's (out, in), copied straight from the stored tensor."""
+    return torch.empty(stored.shape[::-1], dtype=torch.float32).copy_(stored.t())
+
+
+Reader = Callable[..., Any]
+
+
+def tensor_reader(path: Path, prefix: str) -> Reader:
+    """`read(name, make=_copy)`: `make` applied to one stored tensor of a model directory, under its full name
+    (`prefix.` added where a base-model checkpoint omits it, as the Hub's gpt2 stores `h.0...`). `make` gets the
+    tensor as stored (any dtype, possibly a view of the mapped file) and returns new float32 tensors, so a
+    transpose, split or padding is written straight into the parameter with no intermediate copy.
+
+    Each safetensors read opens the file anew, so the mapped pages of a tensor are released once it is copied:
+    a mapping kept open would end up holding the whole file besides the model. A local `pytorch_model.bin`
+    (weights_only) is mapped once, so it peaks at about twice the model.
+    """
+    def full(name: str) -> str:
+        return name if name.startswith(f"{prefix}.") or name.startswith("lm_head.") else f"{prefix}.{name}"
+
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").is_file() or index.is_file():
+        files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else shard_files(index)
+        where = {}
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                where.update({full(name): (file, name) for name in f.keys()})
+
+        def read(name: str, make: Callable[[torch.Tensor], Any] = _copy) -> Any:
+            file, stored = where[name]
+            with safe_open(file, framework="pt") as f:
+                return make(f.get_tensor(stored))
+
+        return read
+    state = {full(k): v for k, v in torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True,
+                                               mmap=True).items()}
+    return lambda name, make=_copy: make(state[name])
+
+
+def read_ironcore_state(path: Path, model_type: str, config: IronCoreConfig, source_vocab: int
+                        ) -> dict[str, torch.Tensor]:
+    """IronCore's tensors for `config`, read from a checked `model_type` directory one at a time and renamed,
+    transposed, split and cast to float32 on the way, each written once into its final tensor. The vocabulary
+    tensors are the checkpoint's first `source_vocab` rows, zero-padded to `config.vocab_size`; they are the
+    largest and come first, while the pages mapped to read them are not yet on top of the rest of the model. A
+    tied head is not read: it follows the embedding."""
+    read = tensor_reader(path, ARCHITECTURES[model_type][1].base_model_prefix)
+
+    def rows(stored: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(config.vocab_size, stored.shape[1], dtype=torch.float32)
+        out[:source_vocab] = stored[:source_vocab]
+        return out
+
+    if model_type == "gpt2":
+        return dict(_gpt2_tensors(read, config, rows))
+    rename = (lambda name: name) if model_type == "ironcore" else _ironcore_to_llama_names
+    model = skeleton(IronCoreForCausalLM, config)
+    tied = set(model.all_tied_weights_keys)
+    names = sorted((n for n in model.state_dict() if n not in tied), key=lambda n: n not in VOCAB_TENSORS)
+    return {name: read(rename(name), rows if name in VOCAB_TENSORS else _copy) for name in names}
+
+
+def _gpt2_tensors(read: Reader, config: IronCoreConfig, rows: Callable[[torch.Tensor], torch.Tensor]
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """IronCore's tensors from a GPT2LMHeadModel's, lazily: Conv1D weights transposed, c_attn split in q/k/v."""
+    yield "model.embed_tokens.weight", read("transformer.wte.weight", rows)
+    if not config.tie_word_embeddings:
+        yield "lm_head.weight", read("lm_head.weight", rows)
+    yield "model.embed_positions.weight", read("transformer.wpe.weight")
+    yield "model.norm.weight", read("transformer.ln_f.weight")
+    yield "model.norm.bias", read("transformer.ln_f.bias")
+    for i in range(config.num_hidden_layers):
+        src, dst = f"transformer.h.{i}.", f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            yield f"{dst}attn_norm.{kind}", read(f"{src}ln_1.{kind}")
+            yield f"{dst}mlp_norm.{kind}", read(f"{src}ln_2.{kind}")
+        qkv = read(f"{src}attn.c_attn.weight", lambda w: [_transposed(part) for part in w.chunk(3, dim=1)])
+        qkv_bias = read(f"{src}attn.c_attn.bias", lambda b: [_copy(part) for part in b.chunk(3)])
+        for p, weight, bias in zip("qkv", qkv, qkv_bias):
+            yield f"{dst}self_attn.{p}_proj.weight", weight
+            yield f"{dst}self_attn.{p}_proj.bias", bias
+        yield f"{dst}self_attn.o_proj.weight", read(f"{src}attn.c_proj.weight", _transposed)
+        yield f"{dst}self_attn.o_proj.bias", read(f"{src}attn.c_proj.bias")
+        yield f"{dst}mlp.up_proj.weight", read(f"{src}mlp.c_fc.weight", _transposed)
+        yield f"{dst}mlp.up_proj.bias", read(f"{src}mlp.c_fc.bias")
+        yield f"{dst}mlp.down_proj.weight", read(f"{src}mlp.c_proj.weight", _transposed)
+        yield f"{dst}mlp.down_proj.bias", read(f"{src}mlp.c_proj.bias")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -838,9 +925,8 @@ def check_same_architecture(found: IronCoreConfig, wanted: IronCoreConfig, sourc
         raise CheckpointError(f"{source}: the pretrained model does not match the run's model: " + "; ".join(differing))
 
 
-def retarget(model: IronCoreForCausalLM, config: IronCoreConfig, share: bool = False) -> IronCoreForCausalLM:
-    """`model`'s weights in a new model built from `config` (same architecture), re-padding the vocabulary rows.
-    `share`: the new model takes `model`'s other tensors instead of copies (`model` is then not to be used)."""
+def retarget(model: IronCoreForCausalLM, config: IronCoreConfig) -> IronCoreForCausalLM:
+    """`model`'s weights in a new model built from `config` (same architecture), re-padding the vocabulary rows."""
     vocab = model.config.unpadded_vocab_size
     state = model.state_dict()
     tied = set(model.all_tied_weights_keys)
@@ -849,8 +935,8 @@ def retarget(model: IronCoreForCausalLM, config: IronCoreConfig, share: bool = F
             continue
         rows = state[name][:vocab]
         state[name] = torch.cat([rows, rows.new_zeros(config.vocab_size - vocab, rows.shape[1])])
-    target = skeleton(IronCoreForCausalLM, config) if share else uninitialized(IronCoreForCausalLM, config)
-    load_state(target, state, "pretrained IronCore weights", share=share)
+    target = uninitialized(IronCoreForCausalLM, config)
+    load_state(target, state, "pretrained IronCore weights")
     return target
 
 
@@ -883,13 +969,25 @@ def trim_vocab_padding(model: IronCoreForCausalLM) -> IronCoreForCausalLM:
     return retarget(model, config).to(model.dtype).train(model.training)
 
 
+def loads_on_main_process_only(run: Any) -> bool:
+    """Whether only rank 0 builds (or loads) the initial weights while the other ranks build on the meta device,
+    so N ranks on a node do not hold N full copies: FSDP2's `cpu_ram_efficient_loading` (translate.py) then
+    broadcasts rank 0's tensors while sharding, which every FSDP run uses (all ranks start from rank 0's weights).
+    Not for DPO, whose live reference is a full copy of the model made on every rank before sharding, nor with
+    trainer.torch_compile, whose speed check runs a layer before sharding: those build full weights everywhere."""
+    return run.parallel.use_fsdp and run.data.task_type != "dpo" and not run.trainer.torch_compile
+
+
 def build_model(run: Any) -> IronCoreForCausalLM:
     """The model of a run: fresh weights from `init` (seeded), or `init.from_pretrained` checked against `model`.
 
     With `init.data_parallel_random_init` each rank draws its own weights (seed + rank); otherwise every rank
     draws the same ones. The seed is used in a forked RNG, so building a model leaves the global RNG alone.
+    Under FSDP only rank 0 materialises the weights (`loads_on_main_process_only`); the others build on meta.
     """
     config = IronCoreConfig.from_run_config(run)
+    if loads_on_main_process_only(run) and run.parallel.rank > 0:
+        return skeleton(IronCoreForCausalLM, config)  # rank 0's weights arrive while accelerate shards the model
     if run.init.from_pretrained:
         return load_pretrained(run.init.from_pretrained, config)
     seed = run.init.seed + (max(run.parallel.rank, 0) if run.init.data_parallel_random_init else 0)
