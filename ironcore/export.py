@@ -73,6 +73,16 @@ def write_export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
 SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.2}
 
 
+def export_generation_config(generation: GenerationConfig | None, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """The decoding an export writes (and in-training samples use): a pretrained checkpoint's own
+    generation_config, else SAMPLING_DEFAULTS with the tokenizer's special ids."""
+    if generation is not None and not generation._from_model_config:
+        return copy.deepcopy(generation)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=pad, **SAMPLING_DEFAULTS)
+
+
 def write_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
              generation: GenerationConfig | None = None) -> None:
     """save_pretrained (safetensors) + generation config + tokenizer (with the chat template it trained with).
@@ -82,14 +92,7 @@ def write_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir
     transformers only derived from the model config (`_from_model_config`, every fresh model's) says nothing,
     so the export gets the tokenizer's ids and SAMPLING_DEFAULTS instead.
     """
-    if generation is not None and not generation._from_model_config:
-        model.generation_config = copy.deepcopy(generation)
-    else:
-        model.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            **SAMPLING_DEFAULTS,
-        )
+    model.generation_config = export_generation_config(generation, tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

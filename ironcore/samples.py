@@ -7,15 +7,14 @@ generation_config) under a forked RNG with a seed of its own, so a run with samp
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from ironcore.errors import ConfigError
-from ironcore.export import SAMPLING_DEFAULTS
+from ironcore.export import export_generation_config
 
 SAMPLES_TEXT_FILE = "samples_text.jsonl"
 MAX_NEW_TOKENS = 64  # as `ironcore generate`'s default; fewer when the prompt leaves less of the context
@@ -43,16 +42,6 @@ def read_prompts(spec: tuple[str, ...] | str | None) -> list[str]:
     return list(spec)
 
 
-def sampling_config(model_config: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
-    """The decoding the export will write (export.write_hf): a pretrained checkpoint's own generation_config, else
-    SAMPLING_DEFAULTS with the tokenizer's special ids."""
-    if not model_config._from_model_config:
-        return copy.deepcopy(model_config)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=pad, **SAMPLING_DEFAULTS)
-
-
 class Sampler:
     """Completes the run's prompts on the (unwrapped, unsharded) training model. Main process only."""
 
@@ -64,7 +53,7 @@ class Sampler:
         """One row {"step", "prompt", "text"} per prompt, appended to samples_text.jsonl. `model` is left in eval
         mode (the next train step sets train mode again)."""
         device = next(model.parameters()).device
-        settings = sampling_config(model.generation_config, self.tokenizer)
+        settings = export_generation_config(model.generation_config, self.tokenizer)
         # the vocabulary padding rows are no tokens: never sample them
         settings.suppress_tokens = list(range(len(self.tokenizer), model.config.vocab_size)) or None
         context = model.config.max_position_embeddings
