@@ -1,6 +1,6 @@
 """The CPU quickstarts (examples/*.yaml) run as a user runs them (`ironcore train examples/X.yaml`), at their real
 model size, with fewer steps to keep CI short, and learn: the loss falls clearly, and DPO prefers the chosen answer
-on held-out pairs. Full length (400 / 300 / 200 steps) they take about 50 / 90 / 70 s on 2 idle cores.
+on held-out pairs. Full length (1000 / 300 / 200 steps) they take about 110 / 90 / 70 s on 2 idle cores.
 """
 
 from __future__ import annotations

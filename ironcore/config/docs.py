@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -26,8 +27,9 @@ def type_name(tp: Any) -> str:
         return " \\| ".join(f"`{a}`" for a in args)
     if origin is tuple:
         return f"list of {type_name(args[0])}"
-    if type(None) in args:
-        return f"{type_name(next(a for a in args if a is not type(None)))} or null"
+    if origin in (typing.Union, types.UnionType):  # every member, null last
+        members = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(members + (["null"] if type(None) in args else []))
     return getattr(tp, "__name__", str(tp))
 
 
