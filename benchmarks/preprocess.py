@@ -23,6 +23,10 @@ whatever the load); `load` is the CPU time other processes took during the row's
 minus this process and its children), in cores: wall-clock figures mean something only where it is near 0. The
 ironcore blocks of every worker count are checked to be identical (their sha256 is in the JSON).
 
+After the table, one line times the same corpus read as ``streaming: true`` reads it (one DataLoader worker,
+in process: the jsonl as an IterableDataset, every document tokenized and packed as it comes, for as many blocks as
+the cache holds; fastest of the rounds) and checks that it gives the cached blocks, in order.
+
 ``--storage`` prints bytes per token instead: each task's built-in corpus entry (`dataset_path: builtin`) is
 prepared, and its train split's Arrow files are measured as the cache stores them now (uint16 ids; int16 labels for
 SFT/DPO with the built-in 2,048-id vocabulary) and cast to the layout of the earlier cache versions (int32 lists:
@@ -53,12 +57,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/preprocess.py` from a checkout
 
 import datasets  # noqa: E402
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
 from ironcore.config.resolve import resolve  # noqa: E402
 from ironcore.config.schema import DataConfig, DatasetSpec, ModelConfig, RunConfig  # noqa: E402
 from ironcore.data import load_tokenizer, prepare_data  # noqa: E402
+from ironcore.data.streaming import SampleStream  # noqa: E402
 
 IMPLEMENTATIONS = ("ironcore", "datasets_map")
 
@@ -92,11 +98,12 @@ def build_corpus(path: Path, megabytes: float) -> int:
     return size
 
 
-def ironcore_run(corpus: Path, cache: Path, seq: int, workers: int) -> RunConfig:
+def ironcore_run(corpus: Path, cache: Path, seq: int, workers: int, *, streaming: bool = False) -> RunConfig:
     return resolve(RunConfig(
         model=ModelConfig(max_seq_len=seq, tokenizer_type="builtin", vocab_name_or_path="builtin"),
         data=DataConfig(task_type="pretrain", seq_length=seq, vocab_size=2048, splits=(1.0, 0.0, 0.0),
-                        cache_dir=str(cache), num_workers=workers, train_datasets=(DatasetSpec(dataset_path=str(corpus)),)),
+                        cache_dir=str(cache), num_workers=workers, streaming=streaming,
+                        train_datasets=(DatasetSpec(dataset_path=str(corpus)),)),
     ), world_size=1)
 
 
@@ -105,6 +112,17 @@ def run_ironcore(corpus: Path, cache: Path, tokenizer, seq: int, workers: int) -
     ids = prepared.train.data.column("input_ids").combine_chunks().flatten()
     digest = hashlib.sha256(ids.to_numpy().tobytes()).hexdigest()
     return len(prepared.train) * seq, digest
+
+
+def run_stream(corpus: Path, cache: Path, tokenizer, seq: int, blocks: int) -> tuple[int, str]:
+    """The same corpus as `streaming: true` reads it in one DataLoader worker: the jsonl opened as an
+    IterableDataset, each document tokenized and packed as it comes (`SampleStream`), for the `blocks` blocks the
+    cache holds (the stream itself goes on into its next epoch)."""
+    stream = SampleStream(prepare_data(ironcore_run(corpus, cache, seq, 1, streaming=True), tokenizer).train,
+                          rank=0, world_size=1, num_workers=0)
+    ids = np.fromiter(itertools.chain.from_iterable(s["input_ids"] for s in itertools.islice(iter(stream), blocks)),
+                      dtype=np.uint16)
+    return blocks * seq, hashlib.sha256(ids.tobytes()).hexdigest()
 
 
 def run_datasets_map(corpus: Path, cache: Path, tokenizer, seq: int, workers: int) -> tuple[int, None]:
@@ -223,6 +241,17 @@ def measure(corpus: Path, megabytes: float, tokenizer, seq: int, workers: list[i
     return [best[name, w] for w in workers for name in IMPLEMENTATIONS], seconds_by_round
 
 
+def measure_stream(corpus: Path, megabytes: float, tokenizer, seq: int, blocks: int, rounds: int, work: Path) -> Row:
+    """The fastest of `rounds` passes of the stream over the cache's `blocks` blocks."""
+    best = None
+    for r in range(rounds):
+        seconds, cpu, load, tokens, digest = timed(partial(run_stream, corpus, work / f"stream-{r}", tokenizer, seq,
+                                                           blocks))
+        if best is None or seconds < best.seconds:
+            best = Row("ironcore_stream", 1, seconds, megabytes / seconds, tokens, tokens / seconds, cpu, load, digest)
+    return best
+
+
 def paired(seconds: dict[tuple[str, int], list[float]], workers: list[int]) -> dict[str, list[float]]:
     """Speed ratios within each round (rows of one round run back to back, so they share the machine's load):
     each implementation's most workers over its fewest, and ironcore over datasets_map at each worker count."""
@@ -283,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         size = build_corpus(corpus, megabytes)
         tokenizer = load_tokenizer(ironcore_run(corpus, work / "tokenizer", seq, 1))
         rows, seconds = measure(corpus, size / 1e6, tokenizer, seq, workers, rounds, work)
+        stream = measure_stream(corpus, size / 1e6, tokenizer, seq, rows[0].tokens // seq, rounds, work)
     digests = {r.sha256 for r in rows if r.implementation == "ironcore"}
     ratios = scaling(rows)
     pairs = paired(seconds, workers)
@@ -294,14 +324,18 @@ def main(argv: list[str] | None = None) -> int:
     for name, values in pairs.items():
         print(f"paired {name}: median {statistics.median(values):.2f}x (rounds: "
               f"{', '.join(f'{v:.2f}' for v in values)})")
+    print(f"streaming (1 worker, tokenized and packed on the fly): {stream.seconds:.1f} s, {stream.mb_per_sec:.2f} MB/s, "
+          f"{stream.tokens_per_sec:,.0f} tokens/s, {stream.mb_per_sec / rows[0].mb_per_sec:.2f}x ironcore preprocess "
+          f"at {rows[0].workers}; the same blocks as the cache: {'yes' if stream.sha256 in digests else 'NO'}")
     print(f"ironcore blocks identical for every worker count: {'yes' if len(digests) == 1 else 'NO'}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "corpus_bytes": size, "seq": seq, "rounds": rounds, "cpus": os.cpu_count(), "scaling": ratios, "paired": pairs,
             "identical_blocks": len(digests) == 1, "rows": [dataclasses.asdict(r) for r in rows],
+            "stream": dataclasses.asdict(stream), "stream_blocks_equal_cache": stream.sha256 in digests,
         }, indent=2) + "\n")
-    return 0 if len(digests) == 1 else 1
+    return 0 if len(digests) == 1 and stream.sha256 in digests else 1
 
 
 def storage_main(args: argparse.Namespace, seq: int) -> int:
