@@ -16,14 +16,16 @@ Two routes are measured in alternation over `--rounds` rounds, so a change in ma
 `--short` uses tiny shapes (CI runs it through tests/test_benchmarks.py and checks only the table's structure:
 at a few MB, the interpreter's own allocations dominate the ratio).
 
-`--ranks 2` measures each rank of a 2-process run on one node instead (torchrun, CPU, gloo): from before the
-model is built to once it is built (the import itself), and to after `accelerator.prepare` has sharded it (which
-under ZeRO-3 also allocates DeepSpeed's fp32 partitions, gradient buffers and Adam states), under FSDP2 (`rank0_broadcast`, what IronCore does:
-rank 0 loads, rank 1 builds on meta, the weights are broadcast while sharding; against `every_rank`, the route
-before it: each rank loads the whole checkpoint) and under ZeRO-3 (`every_rank`: each rank loads, DeepSpeed then
-partitions).
+`--ranks N` (2, or more to see the scaling) measures each rank of an N-process run on one node instead (torchrun,
+CPU, gloo): from before the model is built to once it is built (the import itself), and to after
+`accelerator.prepare` has sharded it (which under ZeRO-3 also allocates DeepSpeed's fp32 partitions, gradient
+buffers and Adam states). Under FSDP2: `rank0_broadcast`, what IronCore does (rank 0 loads, the others build on meta,
+the weights are broadcast while sharding), against `every_rank`, the route before it (each rank loads the whole
+checkpoint). Under ZeRO-3: `partitioned`, what IronCore does (`load_partitioned`: the model built under
+`deepspeed.zero.Init`, rank 0 reads each tensor and scatters it into the ranks' partitions), against `every_rank`
+(each rank loads the whole checkpoint, DeepSpeed then partitions it). `--layouts` picks fsdp, zero3 or both.
 
-    python benchmarks/import_memory.py [--short] [--rounds 2] [--ranks 1|2] [--json out.json]
+    python benchmarks/import_memory.py [--short] [--rounds 2] [--ranks 1|N] [--layouts fsdp,zero3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -114,11 +116,12 @@ def measure(route: str, path: Path) -> dict:
     return {"params": params, "model_mb": params * 4 / 2**20, "peak_delta_mb": (peak - before) / 2**20}
 
 
-# --ranks 2: one node, 2 CPU ranks (torchrun, gloo), peak RSS of each rank from before build_model to after
+# --ranks N: one node, N CPU ranks (torchrun, gloo), peak RSS of each rank from before build_model to after
 # accelerator.prepare has sharded the model. The baseline route is what ran before rank-0 loading: every rank loads
-# the checkpoint whole and FSDP shards it without broadcasting (cpu_ram_efficient_loading off).
+# the checkpoint whole and FSDP shards it without broadcasting (cpu_ram_efficient_loading off), or DeepSpeed
+# partitions it.
 LAYOUTS = {"fsdp": ["parallel.use_fsdp=true"], "zero3": ["parallel.deepspeed_config=zero3"]}
-RANK_ROUTES = {"fsdp": ("rank0_broadcast", "every_rank"), "zero3": ("every_rank",)}
+RANK_ROUTES = {"fsdp": ("rank0_broadcast", "every_rank"), "zero3": ("partitioned", "every_rank")}
 
 
 def measure_rank(layout: str, route: str, path: Path, run_dir: Path) -> dict | None:
@@ -136,14 +139,14 @@ def measure_rank(layout: str, route: str, path: Path, run_dir: Path) -> dict | N
     accelerator = build_accelerator(run)
     before = status_bytes("VmRSS")
     reset_peak_rss()
-    if route == "rank0_broadcast":
+    if route != "every_rank":
         model = build_model(run)
     else:
         model = load_pretrained(path, IronCoreConfig.from_run_config(run))
         if layout == "fsdp":
             accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
     built = (status_bytes("VmHWM") - before) / 2**20
-    params = sum(p.numel() for p in model.parameters()) if accelerator.is_main_process else 0
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) if accelerator.is_main_process else 0
     optimizer = build_optimizer(model, run.optim, accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
     mine = {"rank": accelerator.process_index, "build_peak_delta_mb": built,
@@ -181,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short", action="store_true", help="tiny shapes (CI)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, each loading every family by every route")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--ranks", type=int, default=1, help="2: FSDP and ZeRO-3 on 2 CPU ranks, per-rank peaks")
+    parser.add_argument("--ranks", type=int, default=1, help="N > 1: FSDP and ZeRO-3 on N CPU ranks, per-rank peaks")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="--ranks: comma-separated, of " + ", ".join(LAYOUTS))
     parser.add_argument("--child", nargs=2, metavar=("ROUTE", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--rank-child", nargs=4, metavar=("LAYOUT", "ROUTE", "DIR", "RUN"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -230,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def main_ranks(args: argparse.Namespace) -> int:
     """--ranks N: for each family, layout and route, each rank's peak RSS delta, worst round."""
+    layouts = args.layouts.split(",")
+    unknown = set(layouts) - set(LAYOUTS)
+    if unknown:
+        raise SystemExit(f"--layouts: {', '.join(sorted(unknown))} not among {', '.join(LAYOUTS)}")
     results = []
     with tempfile.TemporaryDirectory(prefix="import_memory_") as tmp:
         dirs = {family: Path(tmp) / family for family in FAMILIES}
@@ -237,7 +245,8 @@ def main_ranks(args: argparse.Namespace) -> int:
             save_checkpoint(family, args.short, path)
         for round_ in range(args.rounds):
             for family, path in dirs.items():
-                for layout, routes in RANK_ROUTES.items():
+                for layout in layouts:
+                    routes = RANK_ROUTES[layout]
                     for route in routes if round_ % 2 == 0 else routes[::-1]:
                         for row in run_ranks(layout, route, path, args.ranks):
                             results.append({"family": family, "layout": layout, "route": route, **row})
@@ -245,8 +254,8 @@ def main_ranks(args: argparse.Namespace) -> int:
     rows = []
     for family in FAMILIES:
         model_mb = params[family] * 4 / 2**20
-        for layout, routes in RANK_ROUTES.items():
-            for route in routes:
+        for layout in layouts:
+            for route in RANK_ROUTES[layout]:
                 for rank in range(args.ranks):
                     mine = [r for r in results
                             if (r["family"], r["layout"], r["route"], r["rank"]) == (family, layout, route, rank)]

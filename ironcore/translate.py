@@ -143,7 +143,7 @@ def check_supported(run: RunConfig, env: LaunchEnv) -> None:
             "model.precision=float16 needs CUDA (on CPU Accelerate does no fp16 autocast and the run would "
             "silently train in fp32) - use bfloat16 or float32"
         )
-    if run.trainer.torch_compile and p.deepspeed_config and deepspeed_stage(p.deepspeed_config) == 3:
+    if run.trainer.torch_compile and run.derived.zero_stage == 3:
         raise ConfigError(
             f"trainer.torch_compile=true with parallel.deepspeed_config={p.deepspeed_config!r}: dynamo re-traces ZeRO-3's "
             "parameter-gathering hooks until it hits its recompile limit and the layers run eager - use FSDP "

@@ -403,7 +403,7 @@ def test_config_json_shows_every_derived_value(cfg, capsys):
     assert printed["trainer"]["eval_batch_size"] == printed["trainer"]["micro_batch_size"] == 4
     assert printed["parallel"]["world_size"] == 2 and printed["model"]["vocab_name_or_path"] == "builtin"
     assert printed["derived"] == {"data_parallel_size": 2, "padded_vocab_size": 1024, "tokens_per_step": 8 * 256,
-                                  "tokenizer_field": "data.vocab_name_or_path", "model_sources": None}
+                                  "tokenizer_field": "data.vocab_name_or_path", "zero_stage": 0, "model_sources": None}
 
 
 def test_resolving_a_saved_config_gives_the_same_derived_values(cfg):

@@ -414,9 +414,10 @@ def from_pretrained_single(baseline, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("layout", sorted(PRETRAINED_LAYOUTS))
 def test_two_ranks_from_a_pretrained_checkpoint_start_from_its_weights(layout, baseline, from_pretrained_single,
                                                                        tmp_path):
-    """FSDP2 (rank 0 loads, rank 1 builds on meta, the weights are broadcast while sharding) and ZeRO-3 (each rank
-    loads, DeepSpeed partitions): the first step's loss, computed on the initial weights, equals one process's,
-    and is well below the baseline's first loss, so they are the pretrained weights."""
+    """FSDP2 (rank 0 loads, rank 1 builds on meta, the weights are broadcast while sharding) and ZeRO-3 (the model
+    is built partitioned, rank 0 reads each tensor and writes it into the gathered parameter): the first step's
+    loss, computed on the initial weights, equals one process's, and is well below the baseline's first loss, so
+    they are the pretrained weights."""
     run_dir = tmp_path / layout
     run(run_dir, [*FROM_PRETRAINED, f"init.from_pretrained={baseline / 'export'}", *PRETRAINED_LAYOUTS[layout]],
         nproc=2, fresh=True)

@@ -43,6 +43,7 @@ from ironcore.models import (
     load_pretrained,
     trim_vocab_padding,
 )
+from ironcore.models.conversion import ironcore_tensors
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = dict(atol=1e-5, rtol=0)
@@ -482,6 +483,19 @@ def test_family_loads_with_transformers_logits_and_converts_back(tmp_path, name)
     assert type(back) is type(native) and back.config.tie_word_embeddings == native.config.tie_word_embeddings
     assert_same_weights(back, native)
     torch.testing.assert_close(back(x).logits, native(x).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3.1-untied", "llama3.2-tied"])
+def test_the_meta_walk_of_a_checkpoint_gives_every_tensor_rank_0_reads(tmp_path, name):
+    """Under ZeRO-3 only rank 0 reads the checkpoint; the other ranks walk the same conversion on meta tensors to
+    take part in each tensor's scatter (`load_partitioned`): the same names in the same order, the same shapes."""
+    family(name).save_pretrained(tmp_path)
+    config = load_pretrained(tmp_path).config
+    model_type = json.loads((tmp_path / "config.json").read_text())["model_type"]
+    read = list(ironcore_tensors(tmp_path, model_type, config, config.vocab_size))
+    walked = list(ironcore_tensors(tmp_path, model_type, config, config.vocab_size, meta=True))
+    assert [(n, t.shape) for n, t in walked] == [(n, t.shape) for n, t in read]
+    assert all(t.is_meta for _, t in walked) and not any(t.is_meta for _, t in read)
 
 
 def test_llama3_scaling_matches_transformers_in_every_band():

@@ -34,7 +34,7 @@ from ironcore.cli import main
 from ironcore.config import config_to_dict, load_config
 from ironcore.errors import CheckpointError, ConfigError
 from ironcore.models import build_model, load_pretrained
-from ironcore.models.conversion import ironcore_to_source
+from ironcore.models.conversion import ironcore_to_source, loads_partitioned
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
@@ -131,6 +131,21 @@ def test_explain_shows_where_each_model_value_came_from(tmp_path, llama_dir, cap
     assert fields["model.positional_embedding.base"]["value"] == 500000.0
     assert fields["model.dropout_mlp"] == {"value": 0.0, "from": "config"}
     assert fields["model.vocab_name_or_path"] == {"value": str(llama_dir), "from": f"{llama_dir} (its tokenizer files)"}
+
+
+@pytest.mark.parametrize("overrides, partitioned", [
+    (["parallel.deepspeed_config=zero3"], True),
+    (["parallel.deepspeed_config=zero3_offload"], True),
+    (["parallel.deepspeed_config=zero2"], False),
+    (["parallel.use_fsdp=true"], False),  # FSDP has its own rank-0 route: loads_on_main_process_only
+    (["parallel.deepspeed_config=zero3", "data.task_type=dpo"], False),  # DPO copies a full live reference
+])
+def test_zero3_loads_a_checkpoint_partitioned(tmp_path, llama_dir, overrides, partitioned):
+    """Which runs build the pretrained model partitioned under deepspeed.zero.Init and fill it from rank 0's reads;
+    the 2-rank runs in test_distributed show the loaded weights equal one process's."""
+    run = load_config(run_file(tmp_path, str(llama_dir)), overrides)
+    assert run.derived.zero_stage == (3 if "zero3" in overrides[0] else 2 if "zero2" in overrides[0] else 0)
+    assert loads_partitioned(run) is partitioned
 
 
 def test_tokenizer_bigger_than_the_embedding_rows(tmp_path, default_tok_dir, capsys):

@@ -49,6 +49,7 @@ def resolve(run: RunConfig, world_size: int | None = None, given: Mapping[str, A
         padded_vocab_size=padded_vocab_size(data.vocab_size, trainer.vocab_padding_unit),
         tokens_per_step=trainer.train_batch_size * data.seq_length,
         tokenizer_field=tokenizer_field,
+        zero_stage=zero_stage(run.parallel),
         model_sources=model_sources,
     )
     run = replace(run, parallel=parallel, model=model, trainer=trainer, data=data, derived=derived)
@@ -295,9 +296,7 @@ def validate_samples_and_benchmarks(run: RunConfig) -> None:
 
     operation, p = run.operation, run.parallel
     if read_prompts(operation.sample_prompts):
-        from ironcore.translate import deepspeed_stage
-
-        if p.use_fsdp or (p.deepspeed_config and deepspeed_stage(p.deepspeed_config) == 3):
+        if p.use_fsdp or run.derived.zero_stage == 3:
             sharding = "parallel.use_fsdp" if p.use_fsdp else f"parallel.deepspeed_config={p.deepspeed_config}"
             raise ConfigError(f"operation.sample_prompts: not supported with {sharding} (the model is sharded, and "
                               "samples are generated on the main process); generate from the export after training")
@@ -306,6 +305,13 @@ def validate_samples_and_benchmarks(run: RunConfig) -> None:
     include = operation.benchmark_include_path
     if include is not None and not os.path.isdir(include):
         raise ConfigError(f"operation.benchmark_include_path: {include} is not a directory of task YAMLs")
+
+
+def zero_stage(parallel: ParallelConfig) -> int:
+    """The ZeRO stage of `parallel.deepspeed_config` (0 without DeepSpeed)."""
+    from ironcore.translate import deepspeed_stage
+
+    return deepspeed_stage(parallel.deepspeed_config) if parallel.deepspeed_config else 0
 
 
 def task_type(data: DataConfig) -> TaskType | None:

@@ -324,6 +324,7 @@ class Derived:
     padded_vocab_size: int  # data.vocab_size rounded up to trainer.vocab_padding_unit: the embedding rows
     tokens_per_step: int  # train_batch_size x seq_length
     tokenizer_field: str  # the field the tokenizer came from, for error messages (a data config's wins)
+    zero_stage: int  # the ZeRO stage of parallel.deepspeed_config, 0 without DeepSpeed
     # with init.from_pretrained: dotted field -> "config" or the checkpoint and config.json key its value came from
     model_sources: dict[str, str] | None = None
 

@@ -762,12 +762,10 @@ def load_pretrained(path: str | Path, run_or_config: Any = None) -> IronCoreForC
     the architecture must match it (else CheckpointError naming the differing fields) and the model takes that
     config's training settings (dropout, recompute, attention, vocabulary padding).
 
-    The checkpoint goes straight into IronCore's parameters, one tensor at a time (`read_ironcore_state`) into a
+    The checkpoint goes straight into IronCore's parameters, one tensor at a time (`ironcore_tensors`) into a
     meta-device skeleton: no native transformers model is built, so host memory peaks at about the float32 model
     plus the mapped pages of the one tensor being read (benchmarks/import_memory.py measures it).
     """
-    path = pretrained_dir(path)
-    model_type = check_model_dir(path)
     target = None
     if run_or_config is not None:
         target = (
@@ -775,15 +773,80 @@ def load_pretrained(path: str | Path, run_or_config: Any = None) -> IronCoreForC
             if isinstance(run_or_config, IronCoreConfig)
             else IronCoreConfig.from_run_config(run_or_config)
         )
+    path, model_type, source = _checked_source(path, target)
+    model = skeleton(IronCoreForCausalLM, target or source)
+    state = dict(ironcore_tensors(path, model_type, model.config, source.unpadded_vocab_size))
+    load_state(model, state, f"{path} ({model_type} weights)", share=True)
+    _take_generation_config(model, path)
+    return model.train(target is not None)  # from_pretrained's eval mode, or ready to train for a run
+
+
+def load_partitioned(path: str | Path, config: IronCoreConfig) -> IronCoreForCausalLM:
+    """ZeRO-3: a pretrained model built already partitioned, with no rank ever holding the whole checkpoint.
+
+    As transformers' from_pretrained does under ZeRO-3, the model is built inside `deepspeed.zero.Init`: each
+    parameter is partitioned over the ranks as it is created, and not initialised. Rank 0 alone then reads the
+    checkpoint, one tensor at a time, and scatters each tensor's flat slices straight into the ranks' partitions
+    (`_scatter_into_partition`); the other ranks walk the same conversion on meta tensors and read nothing. Rank 0
+    so holds its partition plus the one tensor being read, the others their partition alone.
+    """
+    import deepspeed
+    from transformers.integrations import deepspeed_config
+
+    path, model_type, source = _checked_source(path, config)
+    meta = skeleton(IronCoreForCausalLM, config)
+    tied = set(meta.all_tied_weights_keys)
+    expected = {k: v for k, v in meta.state_dict().items() if k not in tied}
+    found = {name: tuple(t.shape) for name, t in ironcore_tensors(path, model_type, config, source.unpadded_vocab_size,
+                                                                   meta=True)}
+    _check_names_and_shapes(found, expected, f"{path} ({model_type} weights)")
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+        model = IronCoreForCausalLM(config)
+    model.tie_weights()  # as transformers does after zero.Init: post_init's tying is skipped inside no_init_weights
+    params = dict(model.named_parameters())
+    main = torch.distributed.get_rank() == 0
+    for name, tensor in ironcore_tensors(path, model_type, config, source.unpadded_vocab_size, meta=not main):
+        _scatter_into_partition(params[name], tensor if main else None)
+        del tensor
+    _take_generation_config(model, path)
+    return model.train()
+
+
+def _scatter_into_partition(param: torch.nn.Parameter, full: torch.Tensor | None) -> None:
+    """Rank 0's `full` tensor into every rank's partition of a ZeRO-3 parameter, by one `scatter`.
+
+    DeepSpeed partitions a parameter flat: rank r's `ds_tensor` holds elements [r*n, (r+1)*n) of the flattened
+    tensor, the last partition zero-padded to n (`Init._partition_param`). No rank gathers the full parameter,
+    as `GatheredParameters` would (an all-gather before the write, a broadcast after it).
+    """
+    part = param.ds_tensor
+    world = torch.distributed.get_world_size()
+    if part.numel() * world < param.ds_numel:
+        raise RuntimeError(f"ZeRO-3 partition of {tuple(param.ds_shape)} is not flat over {world} ranks")
+    chunks = None
+    if full is not None:
+        chunks = list(full.to(part.dtype).reshape(-1).split(part.numel()))
+        chunks += [chunks[-1].new_zeros(0)] * (world - len(chunks))
+        chunks = [c if c.numel() == part.numel() else torch.cat([c, c.new_zeros(part.numel() - c.numel())])
+                  for c in chunks]
+    with torch.no_grad():
+        torch.distributed.scatter(part, chunks, src=0)
+
+
+def _checked_source(path: str | Path, target: IronCoreConfig | None) -> tuple[Path, str, IronCoreConfig]:
+    """The local directory, model type and IronCoreConfig of a pretrained source, checked loadable and, given a
+    target config, of the same architecture (else CheckpointError naming the differing fields)."""
+    path = pretrained_dir(path)
+    model_type = check_model_dir(path)
     source = pretrained_config(path, model_type, target.max_position_embeddings if target is not None else None)
     if target is not None:
         check_same_architecture(source, target, str(path))
-    model = skeleton(IronCoreForCausalLM, target or source)
-    state = read_ironcore_state(path, model_type, model.config, source.unpadded_vocab_size)
-    load_state(model, state, f"{path} ({model_type} weights)", share=True)
+    return path, model_type, source
+
+
+def _take_generation_config(model: IronCoreForCausalLM, path: Path) -> None:
     if (path / "generation_config.json").is_file():  # as from_pretrained: the checkpoint's decoding defaults
         model.generation_config = GenerationConfig.from_pretrained(path)
-    return model.train(target is not None)  # from_pretrained's eval mode, or ready to train for a run
 
 
 def pretrained_config(path: Path, model_type: str, seq_len: int | None = None) -> IronCoreConfig:
@@ -807,17 +870,19 @@ def _copy(stored: torch.Tensor) -> torch.Tensor:
 
 def _transposed(stored: torch.Tensor) -> torch.Tensor:
     """GPT-2's Conv1D (in, out) as nn.Linear's (out, in), copied straight from the stored tensor."""
-    return torch.empty(stored.shape[::-1], dtype=torch.float32).copy_(stored.t())
+    return torch.empty(stored.shape[::-1], dtype=torch.float32, device=stored.device).copy_(stored.t())
 
 
 Reader = Callable[..., Any]
 
 
-def tensor_reader(path: Path, prefix: str) -> Reader:
+def tensor_reader(path: Path, prefix: str, meta: bool = False) -> Reader:
     """`read(name, make=_copy)`: `make` applied to one stored tensor of a model directory, under its full name
     (`prefix.` added where a base-model checkpoint omits it, as the Hub's gpt2 stores `h.0...`). `make` gets the
-    tensor as stored (any dtype, possibly a view of the mapped file) and returns new float32 tensors, so a
-    transpose, split or padding is written straight into the parameter with no intermediate copy.
+    tensor as stored (any dtype, possibly a view of the mapped file) and returns new float32 tensors on the stored
+    tensor's device, so a transpose, split or padding is written straight into the parameter with no intermediate
+    copy. With `meta` the stored tensors are meta tensors of the headers' shapes: nothing is read, and the same
+    conversion code gives every output's name and shape.
 
     Each safetensors read opens the file anew, so the mapped pages of a tensor are released once it is copied:
     a mapping kept open would end up holding the whole file besides the model. A local `pytorch_model.bin`
@@ -825,6 +890,10 @@ def tensor_reader(path: Path, prefix: str) -> Reader:
     """
     def full(name: str) -> str:
         return name if name.startswith(f"{prefix}.") or name.startswith("lm_head.") else f"{prefix}.{name}"
+
+    if meta:
+        shapes = {full(name): shape for name, shape in checkpoint_shapes(path).items()}
+        return lambda name, make=_copy: make(torch.empty(shapes[name], device="meta"))
 
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file() or index.is_file():
@@ -845,27 +914,27 @@ def tensor_reader(path: Path, prefix: str) -> Reader:
     return lambda name, make=_copy: make(state[name])
 
 
-def read_ironcore_state(path: Path, model_type: str, config: IronCoreConfig, source_vocab: int
-                        ) -> dict[str, torch.Tensor]:
-    """IronCore's tensors for `config`, read from a checked `model_type` directory one at a time and renamed,
-    transposed, split and cast to float32 on the way, each written once into its final tensor. The vocabulary
-    tensors are the checkpoint's first `source_vocab` rows, zero-padded to `config.vocab_size`; they are the
-    largest and come first, while the pages mapped to read them are not yet on top of the rest of the model. A
-    tied head is not read: it follows the embedding."""
-    read = tensor_reader(path, ARCHITECTURES[model_type][1].base_model_prefix)
+def ironcore_tensors(path: Path, model_type: str, config: IronCoreConfig, source_vocab: int, meta: bool = False
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """IronCore's tensors for `config`, read lazily from a checked `model_type` directory one at a time and
+    renamed, transposed, split and cast to float32 on the way, each written once into its final tensor. The
+    vocabulary tensors are the checkpoint's first `source_vocab` rows, zero-padded to `config.vocab_size`; they are
+    the largest and come first, while the pages mapped to read them are not yet on top of the rest of the model. A
+    tied head is not read: it follows the embedding. `meta`: the same names and shapes, nothing read."""
+    read = tensor_reader(path, ARCHITECTURES[model_type][1].base_model_prefix, meta)
 
     def rows(stored: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(config.vocab_size, stored.shape[1], dtype=torch.float32)
+        out = torch.zeros(config.vocab_size, stored.shape[1], dtype=torch.float32, device=stored.device)
         out[:source_vocab] = stored[:source_vocab]
         return out
 
     if model_type == "gpt2":
-        return dict(_gpt2_tensors(read, config, rows))
+        return _gpt2_tensors(read, config, rows)
     rename = (lambda name: name) if model_type == "ironcore" else _ironcore_to_llama_names
     model = skeleton(IronCoreForCausalLM, config)
     tied = set(model.all_tied_weights_keys)
     names = sorted((n for n in model.state_dict() if n not in tied), key=lambda n: n not in VOCAB_TENSORS)
-    return {name: read(rename(name), rows if name in VOCAB_TENSORS else _copy) for name in names}
+    return ((name, read(rename(name), rows if name in VOCAB_TENSORS else _copy)) for name in names)
 
 
 def _gpt2_tensors(read: Reader, config: IronCoreConfig, rows: Callable[[torch.Tensor], torch.Tensor]
@@ -975,7 +1044,18 @@ def loads_on_main_process_only(run: Any) -> bool:
     broadcasts rank 0's tensors while sharding, which every FSDP run uses (all ranks start from rank 0's weights).
     Not for DPO, whose live reference is a full copy of the model made on every rank before sharding, nor with
     trainer.torch_compile, whose speed check runs a layer before sharding: those build full weights everywhere."""
-    return run.parallel.use_fsdp and run.data.task_type != "dpo" and not run.trainer.torch_compile
+    return run.parallel.use_fsdp and _whole_model_not_needed(run)
+
+
+def loads_partitioned(run: Any) -> bool:
+    """Whether a pretrained checkpoint is loaded into a model partitioned from the start (`load_partitioned`):
+    under ZeRO-3, with the same exceptions as `loads_on_main_process_only`. A fresh model is still built whole
+    on every rank (same seed, so the same weights) and partitioned by DeepSpeed."""
+    return run.derived.zero_stage == 3 and bool(run.init.from_pretrained) and _whole_model_not_needed(run)
+
+
+def _whole_model_not_needed(run: Any) -> bool:
+    return run.data.task_type != "dpo" and not run.trainer.torch_compile
 
 
 def build_model(run: Any) -> IronCoreForCausalLM:
@@ -984,10 +1064,13 @@ def build_model(run: Any) -> IronCoreForCausalLM:
     With `init.data_parallel_random_init` each rank draws its own weights (seed + rank); otherwise every rank
     draws the same ones. The seed is used in a forked RNG, so building a model leaves the global RNG alone.
     Under FSDP only rank 0 materialises the weights (`loads_on_main_process_only`); the others build on meta.
+    Under ZeRO-3 a pretrained model is partitioned as it is built and filled from rank 0's reads.
     """
     config = IronCoreConfig.from_run_config(run)
     if loads_on_main_process_only(run) and run.parallel.rank > 0:
         return skeleton(IronCoreForCausalLM, config)  # rank 0's weights arrive while accelerate shards the model
+    if loads_partitioned(run):
+        return load_partitioned(run.init.from_pretrained, config)
     if run.init.from_pretrained:
         return load_pretrained(run.init.from_pretrained, config)
     seed = run.init.seed + (max(run.parallel.rank, 0) if run.init.data_parallel_random_init else 0)
