@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,3 +88,25 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def series(records: list[dict], key: str) -> dict[int, float]:
     """step -> value of `key` over the records that have it (the last record per step wins, as after a resume)."""
     return {r["step"]: r[key] for r in records if key in r}
+
+
+PLAIN_GENERATE = """\
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path, prompt = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+ids = AutoTokenizer.from_pretrained(path, trust_remote_code=True)(prompt, return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=8, do_sample=False)
+print(json.dumps({"modules": sorted(m for m in sys.modules if m.startswith("ironcore.models")), "ids": out[0].tolist()}))
+"""
+
+
+def generate_in_plain_transformers(export: Path, prompt: str) -> list[int]:
+    """The greedy 8-token continuation of `prompt` by `export`, loaded with trust_remote_code in a fresh process
+    that never imports ironcore.models (the model classes come from the export's own files)."""
+    proc = subprocess.run([sys.executable, "-c", PLAIN_GENERATE, str(export), prompt], capture_output=True, text=True,
+                          timeout=120, cwd=export.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got["modules"] == [], got["modules"]
+    return got["ids"]

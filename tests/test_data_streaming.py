@@ -12,6 +12,7 @@ from dataclasses import replace
 import datasets
 import httpx
 import pytest
+import torch
 from transformers import AutoTokenizer
 from helpers_dist import (BASELINE, DROPOUT, assert_bitwise_equal, launch_state, read_jsonl, run, run_until_signal,
                           shared_run)
@@ -24,6 +25,7 @@ from helpers_data import (
     text_rows,
     write_jsonl,
 )
+from helpers_train import generate_in_plain_transformers
 
 from ironcore.config.resolve import resolve
 from ironcore.data import prepare_data
@@ -31,6 +33,7 @@ from ironcore.data.cli import preprocess
 from ironcore.data.loader import build_train_loader
 from ironcore.data.streaming import SampleStream
 from ironcore.errors import ConfigError, DataError
+from ironcore.models import load_pretrained
 
 
 def shards(tmp_path, n_files: int, rows: int, *, tag: str = "doc", words: int = 30):
@@ -275,6 +278,19 @@ def test_killed_streaming_run_resumes_bitwise(tmp_path, streamed_baseline):
     run(run_dir, STREAMED, nproc=2)
     assert launch_state(run_dir, before)["steps"] == [5, 6]
     assert_bitwise_equal(run_dir, streamed_baseline)
+
+
+def test_a_streaming_runs_export_generates_in_plain_transformers(streamed_baseline):
+    """The export of the streamed run loads in a process that never imports IronCore, and its greedy continuation is
+    the one IronCore's own loader gives from the same directory."""
+    export = streamed_baseline / "export"
+    prompt = "the quick brown fox"
+    got = generate_in_plain_transformers(export, prompt)
+    model = load_pretrained(export).eval()
+    ids = AutoTokenizer.from_pretrained(export)(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert got == want[0].tolist() and len(got) == ids.shape[1] + 8
 
 
 def test_inspect_reports_the_first_documents_of_a_stream(tmp_path, default_tok_dir, capsys):
