@@ -70,10 +70,9 @@ def accelerate_config_file(run: RunConfig, env: LaunchEnv, deepspeed_config_file
     if kind == "DEEPSPEED":
         if deepspeed_config_file is None:
             raise ValueError("a DeepSpeed launch config needs deepspeed_config_file (see write_accelerate_config)")
-        stage3 = deepspeed_config(run, env)["zero_optimization"].get("stage") == 3
         config["deepspeed_config"] = {
             "deepspeed_config_file": deepspeed_config_file,
-            "zero3_init_flag": stage3,
+            "zero3_init_flag": run.derived.zero_stage == 3,
             "deepspeed_multinode_launcher": "standard",
         }
     else:
@@ -126,7 +125,7 @@ def _sharding(run: RunConfig, env: LaunchEnv, plan: BatchPlan) -> Sharding:
         return Sharding(
             engine="deepspeed",
             shard_size=plan.data_parallel_size,
-            zero_stage=zero.get("stage", 0),
+            zero_stage=run.derived.zero_stage,
             offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") != "none",
             offload_params=zero.get("offload_param", {}).get("device", "none") != "none",
         )

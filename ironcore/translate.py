@@ -299,7 +299,7 @@ def deepspeed_config(run: RunConfig, env: LaunchEnv) -> dict | None:
     plan = batch_plan(run)
     d = run.model.d_model
     zero = config["zero_optimization"]
-    stage = zero.get("stage", 0)
+    stage = run.derived.zero_stage
     values = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
@@ -327,8 +327,7 @@ def deepspeed_plugin(run: RunConfig, env: LaunchEnv) -> DeepSpeedPlugin | None:
     config = deepspeed_config(run, env)
     if config is None:
         return None
-    stage3 = config["zero_optimization"].get("stage") == 3
-    return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=stage3)
+    return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=run.derived.zero_stage == 3)
 
 
 # ---------------------------------------------------------------- FSDP2

@@ -133,18 +133,18 @@ def test_explain_shows_where_each_model_value_came_from(tmp_path, llama_dir, cap
     assert fields["model.vocab_name_or_path"] == {"value": str(llama_dir), "from": f"{llama_dir} (its tokenizer files)"}
 
 
-@pytest.mark.parametrize("overrides, partitioned", [
-    (["parallel.deepspeed_config=zero3"], True),
-    (["parallel.deepspeed_config=zero3_offload"], True),
-    (["parallel.deepspeed_config=zero2"], False),
-    (["parallel.use_fsdp=true"], False),  # FSDP has its own rank-0 route: loads_on_main_process_only
-    (["parallel.deepspeed_config=zero3", "data.task_type=dpo"], False),  # DPO copies a full live reference
+@pytest.mark.parametrize("overrides, stage, partitioned", [
+    (["parallel.deepspeed_config=zero3"], 3, True),
+    (["parallel.deepspeed_config=zero3_offload"], 3, True),
+    (["parallel.deepspeed_config=zero2"], 2, False),
+    (["parallel.use_fsdp=true"], 0, False),  # FSDP has its own rank-0 route: loads_on_main_process_only
+    (["parallel.deepspeed_config=zero3", "data.task_type=dpo"], 3, False),  # DPO copies a full live reference
 ])
-def test_zero3_loads_a_checkpoint_partitioned(tmp_path, llama_dir, overrides, partitioned):
+def test_zero3_loads_a_checkpoint_partitioned(tmp_path, llama_dir, overrides, stage, partitioned):
     """Which runs build the pretrained model partitioned under deepspeed.zero.Init and fill it from rank 0's reads;
     the 2-rank runs in test_distributed show the loaded weights equal one process's."""
     run = load_config(run_file(tmp_path, str(llama_dir)), overrides)
-    assert run.derived.zero_stage == (3 if "zero3" in overrides[0] else 2 if "zero2" in overrides[0] else 0)
+    assert run.derived.zero_stage == stage
     assert loads_partitioned(run) is partitioned
 
 

@@ -797,15 +797,15 @@ def load_partitioned(path: str | Path, config: IronCoreConfig) -> IronCoreForCau
     meta = skeleton(IronCoreForCausalLM, config)
     tied = set(meta.all_tied_weights_keys)
     expected = {k: v for k, v in meta.state_dict().items() if k not in tied}
-    found = {name: tuple(t.shape) for name, t in ironcore_tensors(path, model_type, config, source.unpadded_vocab_size,
-                                                                   meta=True)}
-    _check_names_and_shapes(found, expected, f"{path} ({model_type} weights)")
+    walk = list(ironcore_tensors(path, model_type, config, source.unpadded_vocab_size, meta=True))  # reads nothing
+    _check_names_and_shapes({name: tuple(t.shape) for name, t in walk}, expected, f"{path} ({model_type} weights)")
     with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
         model = IronCoreForCausalLM(config)
     model.tie_weights()  # as transformers does after zero.Init: post_init's tying is skipped inside no_init_weights
     params = dict(model.named_parameters())
     main = torch.distributed.get_rank() == 0
-    for name, tensor in ironcore_tensors(path, model_type, config, source.unpadded_vocab_size, meta=not main):
+    tensors = ironcore_tensors(path, model_type, config, source.unpadded_vocab_size) if main else iter(walk)
+    for name, tensor in tensors:
         _scatter_into_partition(params[name], tensor if main else None)
         del tensor
     _take_generation_config(model, path)
