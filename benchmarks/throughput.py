@@ -633,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
                 case_rows, baselines = bench_case(shape, args.impls, args.rounds, steps, warmup,
                                                   Path(tmp) / f"{name}-{precision}", peaks[precision])
                 rows += case_rows
+                # as each case ends, on stderr: a long run that is cut short keeps what it measured
+                print(f"{name} {precision}, {args.rounds} round(s):\n{table(case_rows)}", file=sys.stderr, flush=True)
                 train = next((r for r in case_rows if r.implementation == "ironcore_train"), None)
                 if train is not None:
                     startup.append({"shape": name, "precision": precision, "ironcore_train_s": train.startup_s,

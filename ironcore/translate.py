@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -64,6 +65,7 @@ class LaunchEnv:
     launched: bool = False
     cuda_available: bool = False
     num_gpus: int = 0
+    cpu_native_bf16: bool = True
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, *, world_size: int | None = None) -> LaunchEnv:
@@ -82,6 +84,7 @@ class LaunchEnv:
             launched="LOCAL_RANK" in environ,
             cuda_available=cuda,
             num_gpus=torch.cuda.device_count() if cuda else 0,
+            cpu_native_bf16=cpu_has_native_bf16(),
         )
         if world_size is not None:
             launched = env.launched or world_size > 1
@@ -191,6 +194,14 @@ def expected_distributed_type(run: RunConfig, env: LaunchEnv) -> str:
     return "MULTI_GPU" if env.cuda_available else "MULTI_CPU"
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware: AVX512-BF16 or AMX on x86 (other architectures are
+    not probed and are taken to have it). Without them oneDNN emulates bf16 GEMMs, about 25x slower than fp32."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def notes(run: RunConfig, env: LaunchEnv) -> list[str]:
     """Conversions the translator made on purpose; build_accelerator logs each once, explain lists them."""
     out = []
@@ -207,6 +218,10 @@ def notes(run: RunConfig, env: LaunchEnv) -> list[str]:
     if p.use_fsdp and not env.cuda_available:
         out.append("parallel.use_fsdp on CPU: Accelerate's FSDP2 path runs on the gloo process group "
                    "(Accelerate enables it only on accelerator devices; IronCore switches it on)")
+    if run.model.precision == "bfloat16" and not env.cuda_available and not env.cpu_native_bf16:
+        out.append("model.precision=bfloat16 on a CPU without bf16 matrix units (AVX512-BF16 or AMX): its bf16 "
+                   "matmuls are emulated, 20x slower than float32 on such a CPU (benchmarks/README.md); "
+                   "set model.precision: float32 to train faster here")
     return out
 
 

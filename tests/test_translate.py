@@ -145,6 +145,27 @@ def test_nccl_becomes_gloo_without_cuda_and_says_so():
     assert notes(run, CPU) == []  # a single unlaunched process creates no process group: nothing to convert
 
 
+@pytest.mark.parametrize("precision, native, cuda, noted", [
+    ("bfloat16", False, False, True),  # the spec's default precision on an AVX2-only CPU
+    ("bfloat16", True, False, False),  # AVX512-BF16 / AMX: bf16 is the faster precision
+    ("bfloat16", False, True, False),  # the GPU computes in bf16; the host CPU does not matter
+    ("float32", False, False, False),
+])
+def test_bf16_on_a_cpu_without_bf16_matrix_units_says_it_is_emulated(precision, native, cuda, noted):
+    env = replace(CPU, cpu_native_bf16=native, cuda_available=cuda, num_gpus=int(cuda))
+    said = [n for n in notes(make_run(model={"precision": precision}), env) if "without bf16 matrix units" in n]
+    assert bool(said) == noted
+    assert not said or "set model.precision: float32" in said[0]
+
+
+def test_the_bf16_probe_reads_this_cpu():
+    import platform
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if x86 and flags:
+        assert LaunchEnv.from_environ().cpu_native_bf16 == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
 def test_nccl_to_gloo_note_is_logged_once_per_build_without_cuda(monkeypatch, caplog, fresh_accelerate):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # else Accelerate resets the thread count
