@@ -203,7 +203,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def notes(run: RunConfig, env: LaunchEnv) -> list[str]:
-    """Conversions the translator made on purpose; build_accelerator logs each once, explain lists them."""
+    """What a launch should know: the conversions the translator made on purpose, and a precision this CPU only
+    emulates; build_accelerator logs each once, explain lists them."""
     out = []
     if uses_process_group(run, env) and resolve_backend(run, env) != run.parallel.dist_backend:
         out.append(f"parallel.dist_backend={run.parallel.dist_backend} needs CUDA; using gloo on this CPU machine")
