@@ -22,10 +22,13 @@ from helpers_dist import (
     DROPOUT, EVAL, PRETRAIN, STEPS, TINY, assert_bitwise_equal, assert_continued, baseline_run, checkpoints, child_env,
     copy_stopped_at, eval_losses, interrupted_run, latest, losses, read_jsonl, run, samples,
 )
+from helpers_train import generate_in_plain_transformers
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from ironcore.checkpoint import verify_checkpoint
 from ironcore.data.loader import TrainLoader
+from ironcore.models import load_pretrained
 
 TOL = 1e-5
 STEPS_OF = f"operation.train_steps={STEPS}"
@@ -415,12 +418,20 @@ def from_pretrained_single(baseline, tmp_path_factory) -> Path:
 def test_two_ranks_from_a_pretrained_checkpoint_start_from_its_weights(layout, baseline, from_pretrained_single,
                                                                        tmp_path):
     """FSDP2 (rank 0 loads, rank 1 builds on meta, the weights are broadcast while sharding) and ZeRO-3 (the model
-    is built partitioned, rank 0 reads each tensor and writes it into the gathered parameter): the first step's
-    loss, computed on the initial weights, equals one process's, and is well below the baseline's first loss, so
-    they are the pretrained weights."""
+    is built partitioned, rank 0 reads each tensor and scatters its slices into the ranks' partitions): the first
+    step's loss, computed on the initial weights, equals one process's, and is well below the baseline's first
+    loss, so they are the pretrained weights. The run's export then generates in plain transformers what IronCore's
+    own loader of that export generates."""
     run_dir = tmp_path / layout
     run(run_dir, [*FROM_PRETRAINED, f"init.from_pretrained={baseline / 'export'}", *PRETRAINED_LAYOUTS[layout]],
         nproc=2, fresh=True)
     single, two = losses(from_pretrained_single), losses(run_dir)
     assert abs(two[1] - single[1]) <= TOL, (two, single)
     assert single[1] < losses(baseline)[1] - 0.2
+
+    export, prompt = run_dir / "export", "the quick brown fox"
+    got = generate_in_plain_transformers(export, prompt)
+    ids = AutoTokenizer.from_pretrained(export)(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = load_pretrained(export).eval().generate(ids, max_new_tokens=8, do_sample=False)
+    assert got == want[0].tolist() and len(got) == ids.shape[1] + 8
