@@ -49,6 +49,7 @@ _SHIPPED_DS_DIRS = (_HERE / "_ds_configs", _HERE.parent / "ds_configs")
 _MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 _FSDP_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _FSDP_STATE_DICT = {"full": "FULL_STATE_DICT", "sharded": "SHARDED_STATE_DICT"}
+X86_MACHINES = ("x86_64", "amd64")  # platform.machine(), lowercased
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ def expected_distributed_type(run: RunConfig, env: LaunchEnv) -> str:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware: AVX512-BF16 or AMX on x86 (other architectures are
     not probed and are taken to have it). Without them oneDNN emulates bf16 GEMMs, about 25x slower than fp32."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if platform.machine().lower() not in X86_MACHINES:
         return True
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
