@@ -36,6 +36,7 @@ from accelerate.utils.other import get_free_port
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from ironcore.config.schema import RunConfig
+from ironcore.cpu_bf16 import autocast_on_fp32_gemms
 from ironcore.errors import ConfigError
 from ironcore.trackers import logging_dir, tracker_environ, trackers
 
@@ -220,11 +221,16 @@ def notes(run: RunConfig, env: LaunchEnv) -> list[str]:
     if p.use_fsdp and not env.cuda_available:
         out.append("parallel.use_fsdp on CPU: Accelerate's FSDP2 path runs on the gloo process group "
                    "(Accelerate enables it only on accelerator devices; IronCore switches it on)")
-    if run.model.precision == "bfloat16" and not env.cuda_available and not env.cpu_native_bf16:
-        out.append("model.precision=bfloat16 on a CPU without bf16 matrix units (AVX512-BF16 or AMX): its bf16 "
-                   "matmuls are emulated, 20x slower than float32 on such a CPU (benchmarks/README.md); "
-                   "set model.precision: float32 to train faster here")
+    if bf16_on_fp32_gemms(run, env):
+        out.append("model.precision=bfloat16 on a CPU without bf16 matrix units (AVX512-BF16 or AMX): its linear "
+                   "and attention matmuls run as fp32 GEMMs on bf16-rounded operands (ironcore/cpu_bf16.py), since "
+                   "this CPU's own bf16 GEMMs are 8-25x slower")
     return out
+
+
+def bf16_on_fp32_gemms(run: RunConfig, env: LaunchEnv) -> bool:
+    """bfloat16 on a CPU without bf16 matrix units: the forward's bf16 matmuls run on fp32 GEMMs (ironcore.cpu_bf16)."""
+    return run.model.precision == "bfloat16" and not env.cuda_available and not env.cpu_native_bf16
 
 
 def single_process_environ() -> dict[str, str]:
@@ -490,6 +496,8 @@ def build_accelerator(run: RunConfig, env: LaunchEnv | None = None) -> Accelerat
     accelerator = Accelerator(**kwargs)
     if run.parallel.use_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
         enable_fsdp_on_cpu(accelerator, kwargs["fsdp_plugin"])
+    if bf16_on_fp32_gemms(run, env):
+        autocast_on_fp32_gemms(accelerator)
     want = expected_distributed_type(run, env)
     got = accelerator.distributed_type.value
     if got != want or accelerator.num_processes != env.world_size:

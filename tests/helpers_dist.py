@@ -9,6 +9,7 @@ exists for them. Each hook is off unless its environment variable is set:
     IRONCORE_TEST_EXIT_RANK=R         rank R calls os._exit(1) at the start of step IRONCORE_TEST_EXIT_AT_STEP
     IRONCORE_TEST_EXIT_AT_STEP=K
     IRONCORE_TEST_STALL_RANK=R        rank R stops (sleeps) at the start of step IRONCORE_TEST_EXIT_AT_STEP instead
+    IRONCORE_TEST_CPU_BF16_UNITS=0|1  the CPU lacks (0) or has (1) bf16 matrix units, whatever this one has
 
     python tests/helpers_dist.py train [--fresh] CONFIG [overrides]
     torchrun --nproc_per_node 2 tests/helpers_dist.py train CONFIG [overrides]
@@ -344,8 +345,12 @@ def copy_stopped_at(src: Path, dst: Path, step: int) -> Path:
 def _install_hooks() -> None:
     import ironcore.checkpoint
     import ironcore.loop
+    import ironcore.translate
 
     env = os.environ
+    if "IRONCORE_TEST_CPU_BF16_UNITS" in env:
+        units = env["IRONCORE_TEST_CPU_BF16_UNITS"] == "1"
+        ironcore.translate.cpu_has_native_bf16 = lambda: units
     signal_file = Path(env.get("IRONCORE_TEST_SIGNAL", "/dev/null"))
 
     def hang(where: str) -> None:

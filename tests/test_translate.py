@@ -41,6 +41,7 @@ from ironcore.translate import (
     accelerator_kwargs,
     accelerator_settings,
     batch_plan,
+    bf16_on_fp32_gemms,
     build_accelerator,
     check_supported,
     deepspeed_config,
@@ -152,11 +153,12 @@ def test_nccl_becomes_gloo_without_cuda_and_says_so():
     ("bfloat16", False, True, False),  # the GPU computes in bf16; the host CPU does not matter
     ("float32", False, False, False),
 ])
-def test_bf16_on_a_cpu_without_bf16_matrix_units_says_it_is_emulated(precision, native, cuda, noted):
+def test_bf16_on_a_cpu_without_bf16_matrix_units_runs_on_fp32_gemms_and_says_so(precision, native, cuda, noted):
     env = replace(CPU, cpu_native_bf16=native, cuda_available=cuda, num_gpus=int(cuda))
-    said = [n for n in notes(make_run(model={"precision": precision}), env) if "without bf16 matrix units" in n]
-    assert bool(said) == noted
-    assert not said or "set model.precision: float32" in said[0]
+    run = make_run(model={"precision": precision})
+    said = [n for n in notes(run, env) if "without bf16 matrix units" in n]
+    assert bool(said) == noted == bf16_on_fp32_gemms(run, env)
+    assert not said or "fp32 GEMMs on bf16-rounded operands (ironcore/cpu_bf16.py)" in said[0]
 
 
 def test_the_bf16_probe_reads_this_cpu():

@@ -1,0 +1,105 @@
+"""bf16 training on a CPU without bf16 matrix units: its matmuls as fp32 GEMMs on bf16-rounded operands.
+
+Why: on an x86 CPU with neither AVX512-BF16 nor AMX, PyTorch's bf16 GEMMs take a slow fallback, 8-25x slower than
+its fp32 GEMMs on the same CPU (benchmarks/README.md), and a bf16 run (the spec's default precision) trains that
+much slower than fp32. The numbers need no bf16 hardware: a product of two bf16 values is exact in fp32 (8 + 8
+significand bits of fp32's 24), and bf16 GEMMs accumulate in fp32. So rounding the operands to bf16, multiplying
+them with the fp32 GEMM and rounding the result to bf16 computes what the bf16 GEMM computes, up to the order of
+the fp32 sums (`tests/test_cpu_bf16.py` states the tolerance), at the fp32 GEMM's speed.
+
+`Bf16OnFp32Gemms` is a torch function mode that does this for the two ops that carry a transformer's FLOPs,
+`F.linear` and `F.scaled_dot_product_attention`, wherever they would compute in bf16 on the CPU: under CPU bf16
+autocast (Accelerate's mixed precision) or on bf16 tensors (DeepSpeed's and FSDP's bf16 parameters). What autocast
+saves for backward stays bf16, and every gradient is rounded to bf16 where autocast's would be. Other ops run
+unchanged. `translate.build_accelerator` puts the mode inside `accelerator.autocast()` when the run asks for
+bfloat16 on such a CPU (`translate.bf16_on_fp32_gemms`), so every forward the loop runs under autocast gets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.overrides import TorchFunctionMode
+
+BF16 = torch.bfloat16
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
+class Bf16OnFp32Gemms(TorchFunctionMode):
+    """Route CPU bf16 `F.linear` and `F.scaled_dot_product_attention` calls through fp32 GEMMs (module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return _linear(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            return _attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    tensors = (input, weight) if bias is None else (input, weight, bias)
+    if not computes_in_bf16(tensors):
+        return F.linear(input, weight, bias)
+    return Bf16Linear.apply(input.to(BF16), weight.to(BF16), None if bias is None else bias.to(BF16))
+
+
+def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+               *args, **kwargs) -> torch.Tensor:
+    if not computes_in_bf16((query, key, value)):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask, *args, **kwargs)
+    if attn_mask is not None and attn_mask.is_floating_point():  # autocast casts an additive mask too
+        attn_mask = attn_mask.to(BF16).float()
+    q, k, v = (t.to(BF16).float() for t in (query, key, value))
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask, *args, **kwargs).to(BF16)
+
+
+def computes_in_bf16(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether this CPU op would compute in bf16: under CPU bf16 autocast on fp32/bf16 tensors, or outside autocast
+    on bf16 tensors only (mixed dtypes there are the caller's error, left to the op to raise)."""
+    if any(t.device.type != "cpu" or t.dtype not in _FLOATS for t in tensors):
+        return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == BF16:
+        return True
+    return all(t.dtype == BF16 for t in tensors)
+
+
+class Bf16Linear(torch.autograd.Function):
+    """y = x W^T + b on bf16 x, W, b: fp32 GEMMs, bf16 out, bf16 gradients; saves the bf16 x and W, as autocast does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        with torch.autocast("cpu", enabled=False):
+            out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())  # (..., out)
+        return out.to(BF16)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        g = grad.float().flatten(0, -2)  # (N, out)
+        need_x, need_w, need_b = ctx.needs_input_grad
+        with torch.autocast("cpu", enabled=False):
+            grad_x = (g @ weight.float()).to(BF16).view(x.shape) if need_x else None
+            grad_w = (g.T @ x.flatten(0, -2).float()).to(BF16) if need_w else None
+            grad_b = g.sum(0).to(BF16) if ctx.has_bias and need_b else None
+        return grad_x, grad_w, grad_b
+
+
+def autocast_on_fp32_gemms(accelerator: Accelerator) -> None:
+    """Make `accelerator.autocast()` also enter `Bf16OnFp32Gemms`: the loop, evaluation, DPO's reference scoring and
+    the compile speed check all run their forwards under it."""
+    autocast = accelerator.autocast
+
+    @contextmanager
+    def autocast_and_fp32_gemms(autocast_handler=None) -> Iterator[None]:
+        with autocast(autocast_handler), Bf16OnFp32Gemms():
+            yield
+
+    accelerator.autocast = autocast_and_fp32_gemms
