@@ -46,6 +46,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `python benchmarks/throughput.py` from a checkout
 
+from ironcore.cpu_bf16 import gemm_dtype  # noqa: E402
 from ironcore.metrics import (  # noqa: E402
     flops_per_token,
     lookup_peak_tflops,
@@ -624,8 +625,10 @@ def main(argv: list[str] | None = None) -> int:
     peaks: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="ironcore-bench-") as tmp:
         for precision in args.precisions:
-            dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
-            peaks[precision] = peak_flops(device, dtype)  # on CPU a timed matmul, before any model exists here
+            # the GEMMs the matmuls run on (fp32 for bf16 on a CPU without bf16 units, ironcore/cpu_bf16.py); on CPU
+            # a timed matmul, before any model exists here
+            dtype = gemm_dtype(device.type, torch.bfloat16 if precision == "bfloat16" else torch.float32)
+            peaks[precision] = peak_flops(device, dtype)
             for name in args.shapes:
                 shape = make_shape(name, precision)
                 steps = args.steps or SHAPES[name][6]

@@ -9,24 +9,48 @@ the fp32 sums (`tests/test_cpu_bf16.py` states the tolerance), at the fp32 GEMM'
 
 `Bf16OnFp32Gemms` is a torch function mode that does this for the two ops that carry a transformer's FLOPs,
 `F.linear` and `F.scaled_dot_product_attention`, wherever they would compute in bf16 on the CPU: under CPU bf16
-autocast (Accelerate's mixed precision) or on bf16 tensors (DeepSpeed's and FSDP's bf16 parameters). What autocast
-saves for backward stays bf16, and every gradient is rounded to bf16 where autocast's would be. Other ops run
-unchanged. `translate.build_accelerator` puts the mode inside `accelerator.autocast()` when the run asks for
-bfloat16 on such a CPU (`translate.bf16_on_fp32_gemms`), so every forward the loop runs under autocast gets it.
+autocast (Accelerate's mixed precision) or on bf16 tensors (DeepSpeed's and FSDP's bf16 parameters). Every output
+and gradient is rounded to bf16 where autocast's would be. A linear layer saves its bf16 input and weight for
+backward, as autocast does; attention runs the fp32 kernel under autograd, which saves fp32 copies of q, k, v and
+the output (4 x B x T x C x 2 bytes per layer more than native bf16). With dropout, PyTorch's CPU SDPA computes a
+bf16 call in fp32 itself, and the results are bit for bit the same. Other ops run unchanged.
+
+`translate.build_accelerator` puts the mode inside `accelerator.autocast()` when the run asks for bfloat16 on such a
+CPU (`translate.bf16_on_fp32_gemms`), so every forward the loop runs under autocast gets it. Eager attention
+(`torch.matmul`) is left to autocast: the default SDPA path is the one made fast.
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from torch.overrides import TorchFunctionMode
+
+if TYPE_CHECKING:  # this module imports only torch: benchmarks/throughput.py's parent process reads gemm_dtype
+    from accelerate import Accelerator
 
 BF16 = torch.bfloat16
 _FLOATS = (torch.float32, torch.bfloat16)
+X86_MACHINES = ("x86_64", "amd64")  # platform.machine(), lowercased
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware: AVX512-BF16 or AMX on x86 (other architectures are
+    not probed and are taken to have it)."""
+    if platform.machine().lower() not in X86_MACHINES:
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def gemm_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the GEMMs that IronCore's `dtype` matmuls run on (whose peak MFU is measured against): fp32
+    for bf16 on a CPU without bf16 matrix units, `dtype` itself everywhere else."""
+    return torch.float32 if dtype == BF16 and device_type == "cpu" and not cpu_has_native_bf16() else dtype
 
 
 class Bf16OnFp32Gemms(TorchFunctionMode):

@@ -33,6 +33,7 @@ from ironcore.data import TrainLoader, build_eval_loader, build_train_loader, lo
 from ironcore.data.loader import make_collator
 from ironcore.errors import CheckpointError, ConfigError, IronCoreError
 from ironcore.export import save_hf
+from ironcore.cpu_bf16 import gemm_dtype
 from ironcore.metrics import MetricsLog, flops_per_token, global_norm, memory_report, mfu, non_embedding_param_count, peak_flops
 from ironcore.models import build_model
 from ironcore.optim import build_optimizer, build_scheduler
@@ -302,6 +303,7 @@ class Loop:
             model_cfg.num_attention_heads * model_cfg.head_dim,
         )
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[model_cfg.precision]
+        dtype = gemm_dtype(accelerator.device.type, dtype)
         self.peak = peak_flops(accelerator.device, dtype, run.trainer.peak_tflops) * accelerator.num_processes
         # a CPU peak is a matmul benchmark, which another process loading the machine can slow down
         self.peak_is_measured = run.trainer.peak_tflops is None and accelerator.device.type == "cpu"

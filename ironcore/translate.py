@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -36,7 +35,7 @@ from accelerate.utils.other import get_free_port
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from ironcore.config.schema import RunConfig
-from ironcore.cpu_bf16 import autocast_on_fp32_gemms
+from ironcore import cpu_bf16
 from ironcore.errors import ConfigError
 from ironcore.trackers import logging_dir, tracker_environ, trackers
 
@@ -50,7 +49,6 @@ _SHIPPED_DS_DIRS = (_HERE / "_ds_configs", _HERE.parent / "ds_configs")
 _MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 _FSDP_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _FSDP_STATE_DICT = {"full": "FULL_STATE_DICT", "sharded": "SHARDED_STATE_DICT"}
-X86_MACHINES = ("x86_64", "amd64")  # platform.machine(), lowercased
 
 
 @dataclass(frozen=True)
@@ -86,7 +84,7 @@ class LaunchEnv:
             launched="LOCAL_RANK" in environ,
             cuda_available=cuda,
             num_gpus=torch.cuda.device_count() if cuda else 0,
-            cpu_native_bf16=cpu_has_native_bf16(),
+            cpu_native_bf16=cpu_bf16.cpu_has_native_bf16(),
         )
         if world_size is not None:
             launched = env.launched or world_size > 1
@@ -194,14 +192,6 @@ def expected_distributed_type(run: RunConfig, env: LaunchEnv) -> str:
     if not env.launched:
         return "NO"
     return "MULTI_GPU" if env.cuda_available else "MULTI_CPU"
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware: AVX512-BF16 or AMX on x86 (other architectures are
-    not probed and are taken to have it). Without them oneDNN emulates bf16 GEMMs, about 25x slower than fp32."""
-    if platform.machine().lower() not in X86_MACHINES:
-        return True
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def notes(run: RunConfig, env: LaunchEnv) -> list[str]:
@@ -497,7 +487,7 @@ def build_accelerator(run: RunConfig, env: LaunchEnv | None = None) -> Accelerat
     if run.parallel.use_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
         enable_fsdp_on_cpu(accelerator, kwargs["fsdp_plugin"])
     if bf16_on_fp32_gemms(run, env):
-        autocast_on_fp32_gemms(accelerator)
+        cpu_bf16.autocast_on_fp32_gemms(accelerator)
     want = expected_distributed_type(run, env)
     got = accelerator.distributed_type.value
     if got != want or accelerator.num_processes != env.world_size:

@@ -344,13 +344,13 @@ def copy_stopped_at(src: Path, dst: Path, step: int) -> Path:
 
 def _install_hooks() -> None:
     import ironcore.checkpoint
+    import ironcore.cpu_bf16
     import ironcore.loop
-    import ironcore.translate
 
     env = os.environ
     if "IRONCORE_TEST_CPU_BF16_UNITS" in env:
         units = env["IRONCORE_TEST_CPU_BF16_UNITS"] == "1"
-        ironcore.translate.cpu_has_native_bf16 = lambda: units
+        ironcore.cpu_bf16.cpu_has_native_bf16 = lambda: units
     signal_file = Path(env.get("IRONCORE_TEST_SIGNAL", "/dev/null"))
 
     def hang(where: str) -> None:

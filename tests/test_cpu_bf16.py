@@ -1,13 +1,15 @@
 """bf16 on fp32 GEMMs (ironcore/cpu_bf16.py): the numbers of PyTorch's own bf16 ops, and a bf16 run on a CPU
 without bf16 matrix units that trains like the native path, resumes bitwise, exports and generates.
 
-Whether this CPU has the units is replaced where a test needs one answer (`ironcore.translate.cpu_has_native_bf16`,
+Whether this CPU has the units is replaced where a test needs one answer (`ironcore.cpu_bf16.cpu_has_native_bf16`,
 in process or through the helpers_dist hook), so both paths run on any x86 host.
 """
 
 from __future__ import annotations
 
+import platform
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +21,8 @@ from helpers_train import (
 )
 from transformers import AutoTokenizer
 
-import ironcore.translate
-from ironcore.cpu_bf16 import Bf16OnFp32Gemms
+import ironcore.cpu_bf16
+from ironcore.cpu_bf16 import X86_MACHINES, Bf16OnFp32Gemms, gemm_dtype
 from ironcore.models import load_pretrained
 from ironcore.translate import LaunchEnv, build_accelerator
 
@@ -114,8 +116,27 @@ def test_build_accelerator_enters_the_mode_only_without_bf16_units(native, mode,
     assert any(isinstance(m, Bf16OnFp32Gemms) for m in modes) == mode
 
 
+def test_the_bf16_probe_reads_this_cpu():
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine().lower() not in X86_MACHINES or not cpuinfo.exists():
+        pytest.skip("the probe is checked against /proc/cpuinfo's flags on x86 Linux")
+    flags = cpuinfo.read_text().split()
+    assert LaunchEnv.from_environ().cpu_native_bf16 == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+@pytest.mark.parametrize("units, device, dtype, want", [
+    (False, "cpu", BF16, torch.float32),  # the GEMMs this CPU's bf16 matmuls run on, and MFU's peak
+    (True, "cpu", BF16, BF16),
+    (False, "cuda", BF16, BF16),
+    (False, "cpu", torch.float32, torch.float32),
+])
+def test_the_peak_is_of_the_gemms_the_matmuls_run_on(units, device, dtype, want, monkeypatch):
+    monkeypatch.setattr(ironcore.cpu_bf16, "cpu_has_native_bf16", lambda: units)
+    assert gemm_dtype(device, dtype) == want
+
+
 def bf16_run(tmp_path, monkeypatch, units: bool):
-    monkeypatch.setattr(ironcore.translate, "cpu_has_native_bf16", lambda: units)
+    monkeypatch.setattr(ironcore.cpu_bf16, "cpu_has_native_bf16", lambda: units)
     run_dir = tmp_path / ("native" if units else "fp32-gemms")
     train_in_process(load_example("pretrain", run_dir, "model.precision=bfloat16", *DROPOUT, "operation.train_steps=6",
                                   "optim.warmup_steps=2", "trainer.do_eval=false", "operation.test_samples=0"))

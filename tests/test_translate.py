@@ -36,7 +36,6 @@ from ironcore.launch_config import accelerate_config_file, explain, write_accele
 from ironcore.trackers import tracker_environ, tracker_init_kwargs, tracker_project_name, trackers
 from ironcore.translate import (
     DS_PRESETS,
-    X86_MACHINES,
     LaunchEnv,
     accelerator_kwargs,
     accelerator_settings,
@@ -159,15 +158,6 @@ def test_bf16_on_a_cpu_without_bf16_matrix_units_runs_on_fp32_gemms_and_says_so(
     said = [n for n in notes(run, env) if "without bf16 matrix units" in n]
     assert bool(said) == noted == bf16_on_fp32_gemms(run, env)
     assert not said or "fp32 GEMMs on bf16-rounded operands (ironcore/cpu_bf16.py)" in said[0]
-
-
-def test_the_bf16_probe_reads_this_cpu():
-    import platform
-    cpuinfo = Path("/proc/cpuinfo")
-    if platform.machine().lower() not in X86_MACHINES or not cpuinfo.exists():
-        pytest.skip("the probe is checked against /proc/cpuinfo's flags on x86 Linux")
-    flags = cpuinfo.read_text().split()
-    assert LaunchEnv.from_environ().cpu_native_bf16 == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def test_nccl_to_gloo_note_is_logged_once_per_build_without_cuda(monkeypatch, caplog, fresh_accelerate):
