@@ -73,14 +73,18 @@ def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-               *args, **kwargs) -> torch.Tensor:
+               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+               enable_gqa: bool = False) -> torch.Tensor:
+    options = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     if not computes_in_bf16((query, key, value)):
-        return F.scaled_dot_product_attention(query, key, value, attn_mask, *args, **kwargs)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask, **options)
+    q, k, v = (t.to(BF16) for t in (query, key, value))
+    if attn_mask is None and dropout_p == 0.0 and q.shape[1] == k.shape[1] and q.shape[-2] == k.shape[-2]:
+        return Bf16FlashAttention.apply(q, k, v, is_causal, scale)  # training's case: bf16 tensors saved
     if attn_mask is not None and attn_mask.is_floating_point():  # autocast casts an additive mask too
         attn_mask = attn_mask.to(BF16).float()
-    q, k, v = (t.to(BF16).float() for t in (query, key, value))
-    with torch.autocast("cpu", enabled=False):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask, *args, **kwargs).to(BF16)
+    with torch.autocast("cpu", enabled=False):  # a mask, dropout, GQA: the fp32 op under autograd
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask, **options).to(BF16)
 
 
 def computes_in_bf16(tensors: tuple[torch.Tensor, ...]) -> bool:
@@ -93,27 +97,70 @@ def computes_in_bf16(tensors: tuple[torch.Tensor, ...]) -> bool:
     return all(t.dtype == BF16 for t in tensors)
 
 
+class Bf16FlashAttention(torch.autograd.Function):
+    """Causal or full SDPA without mask or dropout on bf16 (B, H, T, D) q, k, v: PyTorch's fp32 CPU flash kernels,
+    bf16 out and gradients; saves the bf16 q, k, v, out and the fp32 log-sum-exp, as native bf16 flash does."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+                scale: float | None) -> torch.Tensor:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.float(), k.float(), v.float(), 0.0, is_causal, scale=scale)
+        out = out.to(BF16)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, ctx.is_causal, scale=ctx.scale)
+        return (*(g.to(BF16) for g in grads), None, None)
+
+
+# fp32 elements of one chunk of a linear layer's output (16 MiB): the fp32 copies of a chunk of W and of the output
+# or its gradient are what the fp32 GEMMs add to bf16's memory, so a vocabulary-sized lm_head stays within it.
+CHUNK_ELEMENTS = 2**22
+
+
 class Bf16Linear(torch.autograd.Function):
-    """y = x W^T + b on bf16 x, W, b: fp32 GEMMs, bf16 out, bf16 gradients; saves the bf16 x and W, as autocast does."""
+    """y = x W^T + b on bf16 x, W, b: fp32 GEMMs over chunks of W's rows, bf16 out and gradients; saves the bf16 x
+    and W, as autocast does."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        x32 = x.reshape(-1, x.shape[-1]).float()  # (N, in)
+        out = x.new_empty(x32.shape[0], weight.shape[0])  # (N, out) bf16
         with torch.autocast("cpu", enabled=False):
-            out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())  # (..., out)
-        return out.to(BF16)
+            for c in output_chunks(x32.shape[0], weight.shape[0]):
+                out[:, c] = F.linear(x32, weight[c].float(), None if bias is None else bias[c].float())
+        return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        g = grad.float().flatten(0, -2)  # (N, out)
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b = ctx.needs_input_grad  # need_b is False without a bias
+        grad = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        x32 = x.reshape(-1, x.shape[-1]).float()  # (N, in)
+        grad_x = torch.zeros_like(x32) if need_x else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = grad.sum(0, dtype=torch.float32).to(BF16) if need_b else None
         with torch.autocast("cpu", enabled=False):
-            grad_x = (g @ weight.float()).to(BF16).view(x.shape) if need_x else None
-            grad_w = (g.T @ x.flatten(0, -2).float()).to(BF16) if need_w else None
-            grad_b = g.sum(0).to(BF16) if ctx.has_bias and need_b else None
-        return grad_x, grad_w, grad_b
+            for c in output_chunks(x32.shape[0], weight.shape[0]):
+                g = grad[:, c].float()  # (N, chunk)
+                if need_x:
+                    grad_x.addmm_(g, weight[c].float())
+                if need_w:
+                    grad_w[c] = g.T @ x32
+        return None if grad_x is None else grad_x.to(BF16).view(x.shape), grad_w, grad_b
+
+
+def output_chunks(rows: int, features: int) -> list[slice]:
+    """Slices of a linear layer's output features, each at most CHUNK_ELEMENTS of an (rows, chunk) output."""
+    size = max(256, CHUNK_ELEMENTS // max(rows, 1))
+    return [slice(start, start + size) for start in range(0, features, size)]
 
 
 def autocast_on_fp32_gemms(accelerator: Accelerator) -> None:
