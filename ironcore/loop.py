@@ -29,11 +29,11 @@ from ironcore.checkpoint import (
 )
 from ironcore.compilation import compile_model
 from ironcore.config import RunConfig, config_to_dict
+from ironcore.cpu_bf16 import gemm_dtype
 from ironcore.data import TrainLoader, build_eval_loader, build_train_loader, load_tokenizer, prepare_data
 from ironcore.data.loader import make_collator
 from ironcore.errors import CheckpointError, ConfigError, IronCoreError
 from ironcore.export import save_hf
-from ironcore.cpu_bf16 import gemm_dtype
 from ironcore.metrics import MetricsLog, flops_per_token, global_norm, memory_report, mfu, non_embedding_param_count, peak_flops
 from ironcore.models import build_model
 from ironcore.optim import build_optimizer, build_scheduler

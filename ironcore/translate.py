@@ -34,8 +34,8 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectCon
 from accelerate.utils.other import get_free_port
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-from ironcore.config.schema import RunConfig
 from ironcore import cpu_bf16
+from ironcore.config.schema import RunConfig
 from ironcore.errors import ConfigError
 from ironcore.trackers import logging_dir, tracker_environ, trackers
 
@@ -195,8 +195,8 @@ def expected_distributed_type(run: RunConfig, env: LaunchEnv) -> str:
 
 
 def notes(run: RunConfig, env: LaunchEnv) -> list[str]:
-    """What a launch should know: the conversions the translator made on purpose, and a precision this CPU only
-    emulates; build_accelerator logs each once, explain lists them."""
+    """What a launch should know: the conversions the translator made on purpose, and bf16 matmuls moved to fp32
+    GEMMs on this CPU; build_accelerator logs each once, explain lists them."""
     out = []
     if uses_process_group(run, env) and resolve_backend(run, env) != run.parallel.dist_backend:
         out.append(f"parallel.dist_backend={run.parallel.dist_backend} needs CUDA; using gloo on this CPU machine")

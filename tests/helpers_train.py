@@ -110,3 +110,18 @@ def generate_in_plain_transformers(export: Path, prompt: str) -> list[int]:
     got = json.loads(proc.stdout.splitlines()[-1])
     assert got["modules"] == [], got["modules"]
     return got["ids"]
+
+
+def assert_plain_transformers_generates_as_ironcore(export: Path, prompt: str = "the quick brown fox") -> None:
+    """`export`'s greedy 8-token continuation of `prompt` in plain transformers (`generate_in_plain_transformers`)
+    equals the one of IronCore's own loader of the same export."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ironcore.models import load_pretrained
+
+    got = generate_in_plain_transformers(export, prompt)
+    ids = AutoTokenizer.from_pretrained(export)(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = load_pretrained(export).eval().generate(ids, max_new_tokens=8, do_sample=False)
+    assert got == want[0].tolist() and len(got) == ids.shape[1] + 8

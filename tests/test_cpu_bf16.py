@@ -16,14 +16,12 @@ import torch
 import torch.nn.functional as F
 from helpers_dist import BASELINE, DROPOUT, assert_bitwise_equal, child_env, run
 from helpers_train import (
-    generate_in_plain_transformers, load_example, read_metrics, reset_accelerate, restored_environ, series,
-    train_in_process,
+    assert_plain_transformers_generates_as_ironcore, load_example, read_metrics, reset_accelerate, restored_environ,
+    series, train_in_process,
 )
-from transformers import AutoTokenizer
 
 import ironcore.cpu_bf16
 from ironcore.cpu_bf16 import X86_MACHINES, Bf16OnFp32Gemms, gemm_dtype
-from ironcore.models import load_pretrained
 from ironcore.translate import LaunchEnv, build_accelerator
 
 BF16 = torch.bfloat16
@@ -169,9 +167,4 @@ def test_a_bf16_run_on_fp32_gemms_resumes_bitwise_exports_and_generates(tmp_path
     run(resumed, overrides, hooks=True, env=env)
     assert_bitwise_equal(resumed, reference)
 
-    export, prompt = resumed / "export", "the quick brown fox"
-    got = generate_in_plain_transformers(export, prompt)
-    ids = AutoTokenizer.from_pretrained(export)(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        want = load_pretrained(export).eval().generate(ids, max_new_tokens=8, do_sample=False)
-    assert got == want[0].tolist() and len(got) == ids.shape[1] + 8
+    assert_plain_transformers_generates_as_ironcore(resumed / "export")

@@ -22,13 +22,11 @@ from helpers_dist import (
     DROPOUT, EVAL, PRETRAIN, STEPS, TINY, assert_bitwise_equal, assert_continued, baseline_run, checkpoints, child_env,
     copy_stopped_at, eval_losses, interrupted_run, latest, losses, read_jsonl, run, samples,
 )
-from helpers_train import generate_in_plain_transformers
+from helpers_train import assert_plain_transformers_generates_as_ironcore
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
 
 from ironcore.checkpoint import verify_checkpoint
 from ironcore.data.loader import TrainLoader
-from ironcore.models import load_pretrained
 
 TOL = 1e-5
 STEPS_OF = f"operation.train_steps={STEPS}"
@@ -429,9 +427,4 @@ def test_two_ranks_from_a_pretrained_checkpoint_start_from_its_weights(layout, b
     assert abs(two[1] - single[1]) <= TOL, (two, single)
     assert single[1] < losses(baseline)[1] - 0.2
 
-    export, prompt = run_dir / "export", "the quick brown fox"
-    got = generate_in_plain_transformers(export, prompt)
-    ids = AutoTokenizer.from_pretrained(export)(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        want = load_pretrained(export).eval().generate(ids, max_new_tokens=8, do_sample=False)
-    assert got == want[0].tolist() and len(got) == ids.shape[1] + 8
+    assert_plain_transformers_generates_as_ironcore(run_dir / "export")
