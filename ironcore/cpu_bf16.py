@@ -10,10 +10,13 @@ the fp32 sums (`tests/test_cpu_bf16.py` states the tolerance), at the fp32 GEMM'
 `Bf16OnFp32Gemms` is a torch function mode that does this for the two ops that carry a transformer's FLOPs,
 `F.linear` and `F.scaled_dot_product_attention`, wherever they would compute in bf16 on the CPU: under CPU bf16
 autocast (Accelerate's mixed precision) or on bf16 tensors (DeepSpeed's and FSDP's bf16 parameters). Every output
-and gradient is rounded to bf16 where autocast's would be. A linear layer saves its bf16 input and weight for
-backward, as autocast does; attention runs the fp32 kernel under autograd, which saves fp32 copies of q, k, v and
-the output (4 x B x T x C x 2 bytes per layer more than native bf16). With dropout, PyTorch's CPU SDPA computes a
-bf16 call in fp32 itself, and the results are bit for bit the same. Other ops run unchanged.
+and gradient is rounded to bf16 where autocast's would be. A linear layer saves its bf16 input, as autocast does,
+but not a bf16 copy of its weight: it saves the weight itself (a parameter, no memory) and rounds it to bf16 a chunk
+at a time in forward and again in backward. Autocast's graph holds a bf16 copy of every weight from forward until
+backward reaches it: 2 bytes per parameter at the end of forward (benchmarks/README.md). Attention without a mask
+or dropout calls PyTorch's fp32 CPU flash kernels and saves bf16 q, k, v and output, as native bf16 flash does; with
+a mask or dropout it runs the fp32 op under autograd, which saves fp32 copies. With dropout, PyTorch's CPU SDPA
+computes a bf16 call in fp32 itself, and the results are bit for bit the same. Other ops run unchanged.
 
 `translate.build_accelerator` puts the mode inside `accelerator.autocast()` when the run asks for bfloat16 on such a
 CPU (`translate.bf16_on_fp32_gemms`), so every forward the loop runs under autocast gets it. Eager attention
@@ -69,7 +72,7 @@ def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     tensors = (input, weight) if bias is None else (input, weight, bias)
     if not computes_in_bf16(tensors):
         return F.linear(input, weight, bias)
-    return Bf16Linear.apply(input.to(BF16), weight.to(BF16), None if bias is None else bias.to(BF16))
+    return Bf16Linear.apply(input.to(BF16), weight, bias)  # weight and bias are rounded chunk by chunk
 
 
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -125,36 +128,47 @@ CHUNK_ELEMENTS = 2**22
 
 
 class Bf16Linear(torch.autograd.Function):
-    """y = x W^T + b on bf16 x, W, b: fp32 GEMMs over chunks of W's rows, bf16 out and gradients; saves the bf16 x
-    and W, as autocast does."""
+    """y = x W^T + b on bf16 x and fp32 or bf16 W, b, as a bf16 GEMM computes it: fp32 GEMMs over chunks of W's rows
+    rounded to bf16, bf16 out and input gradient, W's and b's gradients rounded to bf16 and given in their own dtype
+    (what autocast's cast gives back). Saves the bf16 x and W itself: no bf16 copy of the weight lives until
+    backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         x32 = x.reshape(-1, x.shape[-1]).float()  # (N, in)
-        out = x.new_empty(x32.shape[0], weight.shape[0])  # (N, out) bf16
+        # Returned as allocated, not as a view: a view made inside a Function cannot be written in place after
+        # (the model masks padded vocabulary logits in place).
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])  # (..., out) bf16
+        rows = out.view(-1, weight.shape[0])  # (N, out)
         with torch.autocast("cpu", enabled=False):
             for c in output_chunks(x32.shape[0], weight.shape[0]):
-                out[:, c] = F.linear(x32, weight[c].float(), None if bias is None else bias[c].float())
-        return out.view(*x.shape[:-1], weight.shape[0])
+                rows[:, c] = F.linear(x32, as_bf16_fp32(weight[c]), None if bias is None else as_bf16_fp32(bias[c]))
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad  # need_b is False without a bias
-        grad = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        grad = grad.reshape(-1, grad.shape[-1])  # (N, out) bf16
         x32 = x.reshape(-1, x.shape[-1]).float()  # (N, in)
         grad_x = torch.zeros_like(x32) if need_x else None
         grad_w = torch.empty_like(weight) if need_w else None
-        grad_b = grad.sum(0, dtype=torch.float32).to(BF16) if need_b else None
+        grad_b = grad.sum(0, dtype=torch.float32).to(BF16).to(ctx.bias_dtype) if need_b else None
         with torch.autocast("cpu", enabled=False):
             for c in output_chunks(x32.shape[0], weight.shape[0]):
                 g = grad[:, c].float()  # (N, chunk)
                 if need_x:
-                    grad_x.addmm_(g, weight[c].float())
+                    grad_x.addmm_(g, as_bf16_fp32(weight[c]))
                 if need_w:
-                    grad_w[c] = g.T @ x32
+                    grad_w[c] = (g.T @ x32).to(BF16)
         return None if grad_x is None else grad_x.to(BF16).view(x.shape), grad_w, grad_b
+
+
+def as_bf16_fp32(t: torch.Tensor) -> torch.Tensor:
+    """`t` rounded to bf16, in fp32: the operand a bf16 GEMM sees, for the fp32 GEMM."""
+    return t.to(BF16).float()
 
 
 def output_chunks(rows: int, features: int) -> list[slice]:

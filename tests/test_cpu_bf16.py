@@ -64,6 +64,30 @@ def test_linear_on_fp32_gemms_equals_native_bf16_to_one_rounding(bias):
         assert (got == want).float().mean() > 0.99  # mostly bit for bit: the same products, summed in fp32
 
 
+def test_linear_saves_the_weight_itself_not_a_bf16_copy():
+    """Autocast saves a bf16 copy of W from forward to backward; Bf16Linear saves W and rounds it again in backward,
+    so its graph holds no weight-sized bf16 tensor and W's gradient goes straight to its AccumulateGrad."""
+    x = torch.randn(8, 32, requires_grad=True)
+    weight = torch.randn(16, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=BF16), Bf16OnFp32Gemms():
+        y = F.linear(x, weight)
+    saved = y.grad_fn.saved_tensors
+    assert any(t is weight for t in saved) and not any(t.dtype == BF16 and t.shape == weight.shape for t in saved)
+    weight_node = y.grad_fn.next_functions[1][0]
+    assert type(weight_node).__name__ == "AccumulateGrad" and weight_node.variable is weight
+
+
+def test_linear_output_can_be_written_in_place():
+    """The model masks padded-vocabulary logits in place; a Function's output that is a view could not take that."""
+    x = torch.randn(2, 5, 32, requires_grad=True)  # (B, T, C): reshaped to rows inside
+    weight = torch.randn(16, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=BF16), Bf16OnFp32Gemms():
+        logits = F.linear(x, weight)
+        logits[..., 12:] = torch.finfo(logits.dtype).min
+    logits.float().logsumexp(-1).sum().backward()
+    assert logits.shape == (2, 5, 16) and weight.grad[12:].abs().max() == 0 and weight.grad[:12].abs().max() > 0
+
+
 def attention_and_grads(fp32_gemms: bool, dropout: float, causal: bool) -> list[torch.Tensor]:
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 4, 64, 16, requires_grad=True) for _ in range(3))

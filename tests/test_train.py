@@ -411,6 +411,27 @@ def test_grad_accumulation_matches_one_big_micro_batch(sft_pieces):
     assert any(g.abs().max() > 1e-3 for g in big_grads.values())
 
 
+def test_backward_runs_outside_autocast(tmp_path, monkeypatch):
+    """bf16 with GA 2: every micro-batch's forward runs under autocast and its backward outside it, where torch
+    advises it: inside, autocast's cache keeps the bf16 copy of every weight alive through backward (2 bytes per
+    parameter more at its peak)."""
+    from accelerate import Accelerator
+
+    states = []
+    backward = Accelerator.backward
+
+    def recording(self, loss, **kwargs):
+        assert loss.dtype == torch.float32 and loss.grad_fn is not None  # the forward ran: its loss is fp32
+        states.append(torch.is_autocast_enabled("cpu"))
+        return backward(self, loss, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "backward", recording)
+    run = load_example("pretrain", tmp_path / "run", "model.precision=bfloat16", "operation.train_steps=2",
+                       "optim.warmup_steps=1", "trainer.gradient_accumulation_steps=2")
+    train_in_process(run)
+    assert states == [False] * 4
+
+
 def test_sft_loss_ignores_prompt_tokens(sft_pieces):
     """On a real SFT batch the prompt (system/user turns) carries label -100, and the task's loss has exactly zero
     gradient with respect to the logits that would predict those positions: whatever the model predicts there
