@@ -107,9 +107,10 @@ class Bf16FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
                 scale: float | None) -> torch.Tensor:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        out = torch.empty_like(q)  # before the fp32 temporaries, as in Bf16Linear
+        out32, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.float(), k.float(), v.float(), 0.0, is_causal, scale=scale)
-        out = out.to(BF16)
+        out.copy_(out32)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.is_causal, ctx.scale = is_causal, scale
         return out
@@ -117,9 +118,12 @@ class Bf16FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        grads32 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, ctx.is_causal, scale=ctx.scale)
-        return (*(g.to(BF16) for g in grads), None, None)
+        for g, g32 in zip(grads, grads32, strict=True):
+            g.copy_(g32)
+        return (*grads, None, None)
 
 
 # fp32 elements of one chunk of a linear layer's output (16 MiB): the fp32 copies of a chunk of W and of the output
@@ -137,11 +141,12 @@ class Bf16Linear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        x32 = x.reshape(-1, x.shape[-1]).float()  # (N, in)
+        # What outlives the call is allocated before the fp32 temporaries, so freeing them leaves no hole behind it.
         # Returned as allocated, not as a view: a view made inside a Function cannot be written in place after
         # (the model masks padded vocabulary logits in place).
         out = x.new_empty(*x.shape[:-1], weight.shape[0])  # (..., out) bf16
         rows = out.view(-1, weight.shape[0])  # (N, out)
+        x32 = x.reshape(-1, x.shape[-1]).float()  # (N, in)
         with torch.autocast("cpu", enabled=False):
             for c in output_chunks(x32.shape[0], weight.shape[0]):
                 rows[:, c] = F.linear(x32, as_bf16_fp32(weight[c]), None if bias is None else as_bf16_fp32(bias[c]))
@@ -152,18 +157,22 @@ class Bf16Linear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad  # need_b is False without a bias
         grad = grad.reshape(-1, grad.shape[-1])  # (N, out) bf16
-        x32 = x.reshape(-1, x.shape[-1]).float()  # (N, in)
-        grad_x = torch.zeros_like(x32) if need_x else None
+        # The gradients first, then the fp32 temporaries (as in forward)
+        grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.empty_like(weight) if need_w else None
         grad_b = grad.sum(0, dtype=torch.float32).to(BF16).to(ctx.bias_dtype) if need_b else None
+        x32 = x.reshape(-1, x.shape[-1]).float()  # (N, in)
+        grad_x32 = torch.zeros_like(x32) if need_x else None
         with torch.autocast("cpu", enabled=False):
             for c in output_chunks(x32.shape[0], weight.shape[0]):
                 g = grad[:, c].float()  # (N, chunk)
                 if need_x:
-                    grad_x.addmm_(g, as_bf16_fp32(weight[c]))
+                    grad_x32.addmm_(g, as_bf16_fp32(weight[c]))
                 if need_w:
                     grad_w[c] = (g.T @ x32).to(BF16)
-        return None if grad_x is None else grad_x.to(BF16).view(x.shape), grad_w, grad_b
+        if need_x:
+            grad_x.view(-1, x.shape[-1]).copy_(grad_x32)  # rounded to bf16
+        return grad_x, grad_w, grad_b
 
 
 def as_bf16_fp32(t: torch.Tensor) -> torch.Tensor:
