@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
@@ -519,10 +520,15 @@ def table(rows: list[Row]) -> str:
     lines = [
         f"| {r.shape:<5} | {r.precision:<9} | {r.implementation:<22} | {r.params:>11,} | {r.tokens_per_sec:>9,.0f} "
         f"| {r.spread * 100:>5.1f}% | {r.ms_per_step:>8.1f} | {r.mfu * 100:>5.1f}% | {r.peak_memory_mib:>8,.0f} "
-        f"| {r.vs_best_peer:>11.2f}x |"
+        f"| {ratio(r.vs_best_peer):>12} |"
         for r in rows
     ]
     return "\n".join([header, rule, *lines])
+
+
+def ratio(value: float) -> str:
+    """`1.02x`, or `-` where no peer ran in this case (`--impls` without one)."""
+    return "-" if math.isnan(value) else f"{value:.2f}x"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -52,6 +52,17 @@ def test_short_throughput_benchmark_reports_every_implementation_its_memory_and_
         assert float(line.split("|")[5].replace(",", "")) > 0
 
 
+def test_throughput_without_a_peer_prints_no_ratio(tmp_path):
+    """`--impls` with IronCore's rows only (how a change to IronCore is re-measured without the slow peers): the ratio
+    column says `-`, not `nanx`."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "throughput.py"), "--short", "--impls", "ironcore"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| short "))
+    assert row.split("|")[-2].strip() == "-" and "nan" not in proc.stdout
+
 def test_resume_trials_ci_mode_reports_every_trial_bitwise(tmp_path):
     """benchmarks/resume_trials.py --short: 2 random SIGKILL trials with dropout 0.1, each relaunched run equal to the
     uninterrupted one bitwise (issue 11); the table, the K/N line and the JSON agree."""
