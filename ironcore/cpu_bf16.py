@@ -158,7 +158,7 @@ class Bf16Linear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad  # need_b is False without a bias
         grad = grad.reshape(-1, grad.shape[-1])  # (N, out) bf16
         # The gradients first, then the fp32 temporaries (as in forward)
-        grad_x = torch.empty_like(x) if need_x else None
+        grad_x = x.new_empty(x.shape) if need_x else None  # contiguous, whatever x's layout
         grad_w = torch.empty_like(weight) if need_w else None
         grad_b = grad.sum(0, dtype=torch.float32).to(BF16).to(ctx.bias_dtype) if need_b else None
         x32 = x.reshape(-1, x.shape[-1]).float()  # (N, in)

@@ -88,6 +88,22 @@ def test_linear_output_can_be_written_in_place():
     assert logits.shape == (2, 5, 16) and weight.grad[12:].abs().max() == 0 and weight.grad[:12].abs().max() > 0
 
 
+def test_linear_takes_a_permuted_bf16_input():
+    """bf16 tensors outside autocast (DeepSpeed's bf16 weights) may come in any layout: a (T, B, C) view of a
+    (B, T, C) tensor gives the native op's gradients."""
+    def grads(fp32_gemms: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        base = torch.randn(2, 5, 32).to(BF16).requires_grad_()
+        weight = torch.randn(16, 32).to(BF16).requires_grad_()
+        with Bf16OnFp32Gemms() if fp32_gemms else nullcontext():
+            y = F.linear(base.transpose(0, 1), weight)
+        y.float().square().sum().backward()
+        return [y, base.grad, weight.grad]
+
+    for got, want in zip(grads(True), grads(False), strict=True):
+        assert got.dtype == BF16 and within_one_ulp(got, want)
+
+
 def attention_and_grads(fp32_gemms: bool, dropout: float, causal: bool) -> list[torch.Tensor]:
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 4, 64, 16, requires_grad=True) for _ in range(3))
