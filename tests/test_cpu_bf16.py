@@ -69,9 +69,15 @@ def test_linear_saves_the_weight_itself_not_a_bf16_copy():
     so its graph holds no weight-sized bf16 tensor and W's gradient goes straight to its AccumulateGrad."""
     x = torch.randn(8, 32, requires_grad=True)
     weight = torch.randn(16, 32, requires_grad=True)
-    with torch.autocast("cpu", dtype=BF16), Bf16OnFp32Gemms():
-        y = F.linear(x, weight)
-    saved = y.grad_fn.saved_tensors
+    saved = []  # what the graph saves for backward, as it is saved
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=BF16), Bf16OnFp32Gemms():
+            y = F.linear(x, weight)
     assert any(t is weight for t in saved) and not any(t.dtype == BF16 and t.shape == weight.shape for t in saved)
     weight_node = y.grad_fn.next_functions[1][0]
     assert type(weight_node).__name__ == "AccumulateGrad" and weight_node.variable is weight
