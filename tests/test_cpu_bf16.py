@@ -201,9 +201,10 @@ def test_bf16_training_on_fp32_gemms_follows_the_native_bf16_path(dropout, tmp_p
 def test_a_bf16_run_on_fp32_gemms_resumes_bitwise_exports_and_generates(tmp_path):
     """`ironcore train` at bfloat16 on a CPU taken to lack bf16 units, dropout 0.1, GA 2, eval: stopped after step
     3 (operation.exit_interval) and relaunched, it logs what the uninterrupted run logs bit for bit; its export
-    generates in plain transformers what IronCore's loader of it generates."""
+    generates in plain transformers what IronCore's loader of it generates. The vocabulary is padded (2,048 ids to
+    a multiple of 96), so the model's in-place masking of the padded logits runs on the layer's output."""
     env = child_env(IRONCORE_TEST_CPU_BF16_UNITS="0")
-    overrides = [*BASELINE, *DROPOUT, "model.precision=bfloat16"]
+    overrides = [*BASELINE, *DROPOUT, "model.precision=bfloat16", "trainer.vocab_padding_unit=96"]
     reference = tmp_path / "uninterrupted"
     result = run(reference, overrides, fresh=True, hooks=True, env=env)
     assert "run as fp32 GEMMs on bf16-rounded operands" in result.output
