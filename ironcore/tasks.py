@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ironcore.objectives import IGNORE_INDEX, dpo_loss, lm_loss_sum, sequence_logps, token_accuracy_counts
+from ironcore.objectives import IGNORE_INDEX, dpo_loss, lm_loss_sum, sequence_logps
 
 Batch = dict[str, torch.Tensor]
 
@@ -32,8 +32,7 @@ class LanguageModeling:
 
     def __call__(self, model: nn.Module, batch: Batch) -> MicroResult:
         logits = forward(model, batch)
-        loss_sum, _ = lm_loss_sum(logits, batch["labels"])
-        correct, total = token_accuracy_counts(logits.detach(), batch["labels"])
+        loss_sum, total, correct = lm_loss_sum(logits, batch["labels"])
         return MicroResult(loss_sum, {"correct_tokens": correct, "tokens": total})
 
     def summarize(self, loss_sum: float, stats: dict[str, float]) -> dict[str, float]:

@@ -11,7 +11,6 @@ from ironcore.objectives import (
     dpo_reward_metrics,
     lm_loss_sum,
     sequence_logps,
-    token_accuracy_counts,
     token_logprobs,
 )
 
@@ -33,7 +32,7 @@ def test_token_weighted_loss_over_chunks_equals_full_batch_mean():
     logits, labels = padded_batch()
     full_mean = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
     chunks = [(0, 1), (1, 3), (3, 4)]
-    sums, counts = zip(*(lm_loss_sum(logits[a:b], labels[a:b]) for a, b in chunks), strict=True)
+    sums, counts, _ = zip(*(lm_loss_sum(logits[a:b], labels[a:b]) for a, b in chunks), strict=True)
     assert int(sum(counts)) == 11 + 4 + 3 + 2
     assert (sum(sums) / sum(counts)).item() == pytest.approx(full_mean.item(), abs=1e-6)
     # averaging per-chunk means instead would weight the short rows up: the test can tell the two apart
@@ -52,7 +51,9 @@ def test_chunked_cross_entropy_equals_plain_loss_and_gradients(monkeypatch, dtyp
     targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
     flat = logits.flatten(0, 1).to(dtype)
     ours, plain = flat.clone().requires_grad_(), flat.clone().requires_grad_()
-    loss = ChunkedCrossEntropy.apply(ours, targets)
+    loss, correct = ChunkedCrossEntropy.apply(ours, targets)
+    valid = targets != -100
+    assert int(correct) == int(((plain.argmax(-1) == targets) & valid).sum()) and not correct.requires_grad
     ref = F.cross_entropy(plain.float(), targets, ignore_index=-100, reduction="sum")
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
@@ -68,7 +69,7 @@ def test_lm_loss_sum_leaves_the_logits_unchanged_and_needs_no_grad():
     logits, labels = padded_batch(3)
     before = logits.clone()
     with torch.no_grad():
-        loss_sum, _ = lm_loss_sum(logits, labels)
+        loss_sum, _, _ = lm_loss_sum(logits, labels)
     assert torch.equal(logits, before) and not loss_sum.requires_grad
     leaf = logits.clone().requires_grad_()
     lm_loss_sum(leaf, labels)[0].backward()
@@ -86,7 +87,7 @@ def test_token_logprobs_shift_mask_and_fp32():
                 assert not mask[b, t] and logp[b, t] == 0.0
             else:
                 assert mask[b, t] and logp[b, t].item() == pytest.approx(ref[b, t, labels[b, t + 1]].item(), abs=1e-6)
-    loss_sum, n = lm_loss_sum(logits, labels)
+    loss_sum, n, _ = lm_loss_sum(logits, labels)
     logp32, _ = token_logprobs(logits, labels)
     assert loss_sum.item() == pytest.approx(-logp32.sum().item(), rel=1e-6)
     assert int(n) == int(mask.sum())
@@ -95,19 +96,23 @@ def test_token_logprobs_shift_mask_and_fp32():
 
 def test_all_ignored_batch_gives_zero_sum_and_zero_count():
     logits, labels = padded_batch()
-    loss_sum, n = lm_loss_sum(logits, torch.full_like(labels, -100))
-    assert loss_sum.item() == 0.0 and int(n) == 0
+    loss_sum, n, correct = lm_loss_sum(logits, torch.full_like(labels, -100))
+    assert loss_sum.item() == 0.0 and int(n) == 0 and int(correct) == 0
 
 
-def test_token_accuracy_counts():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_accuracy_counts(dtype):
     # one row, 4 positions: predictions (argmax at t) for labels at t+1 = [2, 0, 1]; labels[1:] = [2, 1, 1]
-    logits = torch.full((1, 4, 3), -5.0)
+    logits = torch.full((1, 4, 3), -5.0, dtype=dtype)
     for t, pred in enumerate((2, 0, 1, 0)):
         logits[0, t, pred] = 5.0
     labels = torch.tensor([[0, 2, 1, 1]])
-    assert [int(x) for x in token_accuracy_counts(logits, labels)] == [2, 3]
+    assert [int(x) for x in lm_loss_sum(logits, labels)[1:]] == [3, 2]
     labels[0, 3] = -100
-    assert [int(x) for x in token_accuracy_counts(logits, labels)] == [1, 2]
+    assert [int(x) for x in lm_loss_sum(logits, labels)[1:]] == [2, 1]
+    # a tie predicts the first of its peaks, as argmax does: position 0 now predicts 1, not its label 2
+    logits[0, 0] = torch.tensor([-5.0, 5.0, 5.0])
+    assert [int(x) for x in lm_loss_sum(logits, labels)[1:]] == [2, 0]
 
 
 def test_dpo_loss_hand_computed():
