@@ -47,6 +47,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `python benchmarks/throughput.py` from a checkout
 
+from ironcore.cli import PROCESS_ENV  # noqa: E402
 from ironcore.cpu_bf16 import gemm_dtype  # noqa: E402
 from ironcore.metrics import (  # noqa: E402
     flops_per_token,
@@ -385,9 +386,11 @@ def child_main(impl: str, shape: Shape, steps: int, warmup: int, out: Path) -> N
                                **stats}))
 
 
-def run_child(argv: list[str], log: Path) -> tuple[int, float, float]:
-    """Run `argv` with its output in `log`; return (exit code, peak RSS bytes of that process, its launch time)."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+def run_child(argv: list[str], log: Path, process_env: dict[str, str] | None = None) -> tuple[int, float, float]:
+    """Run `argv` with its output in `log`; return (exit code, peak RSS bytes of that process, its launch time).
+    `process_env`: variables the child gets unless already set here (IronCore's rows: what `ironcore` sets)."""
+    env = {**(process_env or {}), **os.environ,
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     with log.open("w") as handle:
         launched = time.time()
         proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -414,7 +417,7 @@ def measure(impl: str, shape: Shape, steps: int, warmup: int, work_dir: Path) ->
     out = work_dir / "result.json"
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", impl, "--shapes", shape.name,
             "--precisions", shape.precision, "--steps", str(steps), "--warmup", str(warmup), "--json", str(out)]
-    code, rss, _ = run_child(argv, log)
+    code, rss, _ = run_child(argv, log, PROCESS_ENV if impl.startswith("ironcore") else None)
     if code != 0:
         raise RuntimeError(f"{impl} failed ({code}); its output:\n{log.read_text()[-3000:]}")
     return json.loads(out.read_text()) | {"peak_rss": rss}
