@@ -11,14 +11,14 @@ import pytest
 # A command that fails on its input (exit 2, before any training), then what a training step does: large tensors
 # allocated after the command ran. Prints the variable and the kB of anonymous memory on huge pages.
 PROBE = """
-import re, sys
+import os, re, sys
 from ironcore.cli import main
 assert 'torch' not in sys.modules
 code = main(["train", sys.argv[1]])
 import torch
 tensors = [torch.ones(2**22) for _ in range(4)]  # 4 x 16 MiB
 pages = re.search(r"AnonHugePages:\\s+(\\d+) kB", open("/proc/self/smaps_rollup").read())
-print(code, __import__("os").environ.get("THP_MEM_ALLOC_ENABLE"), pages.group(1))
+print(code, os.environ.get("THP_MEM_ALLOC_ENABLE"), pages.group(1))
 """
 
 
