@@ -610,10 +610,15 @@ def bench_case(shape: Shape, impls: list[str], rounds: int, steps: int, warmup: 
     for result in results.get("ironcore_train", []):  # the in-process rows' model: stats built on the meta device
         result.update(stats)
     rows = [summarize(shape, impl, results[impl], peak) for impl in impls]
+    set_peer_ratios(rows)
+    return rows, baselines
+
+
+def set_peer_ratios(rows: list[Row]) -> None:
+    """Each row's tokens/s over the fastest peer's in the same case; NaN (printed `-`) where no peer ran."""
     best_peer = max((r.tokens_per_sec for r in rows if r.implementation in PEERS), default=float("nan"))
     for row in rows:
         row.vs_best_peer = row.tokens_per_sec / best_peer
-    return rows, baselines
 
 
 def main(argv: list[str] | None = None) -> int:

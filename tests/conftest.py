@@ -14,6 +14,9 @@ os.environ.update(
     DS_ACCELERATOR="cpu",
     TOKENIZERS_PARALLELISM="false",
 )
+# The suite runs two xdist workers on two cores: one intra-op thread each (and in every process they start), or
+# the workers' OpenMP pools oversubscribe the cores. Set before torch is imported, which reads it once.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HOME", str(_CACHE / "hf"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_CACHE / "torch_extensions"))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_CACHE / "torchinductor"))  # trainer.torch_compile's kernels

@@ -30,14 +30,6 @@ def short(steps: int) -> tuple[str, ...]:
     return (f"operation.train_steps={steps}", f"operation.eval_interval={steps}", f"trainer.save_checkpoint_steps={steps}")
 
 
-def test_pretrain_quickstart_loss_falls(tmp_path):
-    records = quickstart("pretrain", tmp_path / "run", *short(40))
-    losses = series(records, "loss")
-    assert losses[5] > 7.0 and losses[40] < losses[5] - 0.8
-    assert series(records, "eval/loss")[40] < 6.6
-    assert not any(key.startswith("test/") for r in records for key in r)  # splits hold no test rows
-
-
 def test_sft_quickstart_loss_falls(tmp_path):
     records = quickstart("sft", tmp_path / "run", *short(30))
     losses = series(records, "loss")
@@ -58,15 +50,16 @@ def test_dpo_quickstart_prefers_chosen_on_held_out_pairs(tmp_path):
 def test_readme_quickstart_script_trains_exports_generates_and_plots(tmp_path):
     """`bash examples/quickstart.sh` as the README's main command runs it, shortened by its override arguments, from
     a copy of examples/ so the run lands in the copy's runs/quickstart; presets come from the installed package.
-    It prints what was learned, a sample and the plot's path, and its logs are quiet: no DeepSpeed import on a run
-    without it, no shared-tensor warning per checkpoint, no warning a user could not act on, and no log line
+    The pretrain quickstart learns: the loss falls clearly and the eval loss is well below the uniform 7.6. The
+    script prints what was learned, a sample and the plot's path, and its logs are quiet: no DeepSpeed import on a
+    run without it, no shared-tensor warning per checkpoint, no warning a user could not act on, and no log line
     written into the progress bar's line."""
     examples = tmp_path / "examples"
     examples.mkdir()
     for name in ("quickstart.sh", "pretrain.yaml"):
         shutil.copy(REPO / "examples" / name, examples / name)
     env = {**os.environ, "IRONCORE_CACHE": str(CACHE), "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    script = ["bash", str(examples / "quickstart.sh"), *short(30), "optim.warmup_steps=5", "trainer.log_interval=5"]
+    script = ["bash", str(examples / "quickstart.sh"), *short(40), "trainer.log_interval=5"]
     result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     export = tmp_path / "runs" / "quickstart" / "export"
@@ -74,12 +67,15 @@ def test_readme_quickstart_script_trains_exports_generates_and_plots(tmp_path):
     assert result.stdout.count("model exported to") == 1
     sample = result.stdout.split("---\n")[1]  # between the script's "--- a sample ... ---" and "---" lines
     assert sample.startswith("The return value of") and len(sample.split()) > len("The return value of".split())
-    assert max(r["step"] for r in read_metrics(tmp_path / "runs" / "quickstart")) == 30
+    records = read_metrics(tmp_path / "runs" / "quickstart")
+    assert max(r["step"] for r in records) == 40
+    losses = series(records, "loss")
+    assert losses[5] > 7.0 and losses[40] < losses[5] - 0.8
+    assert series(records, "eval/loss")[40] < 6.6
+    assert not any(key.startswith("test/") for r in records for key in r)  # splits hold no test rows
     *_, learned, evaluated, plotted = result.stdout.splitlines()
-    assert re.fullmatch(r"train loss (\d+\.\d+) at step 5 -> (\d+\.\d+) at step 30", learned), learned
-    first, last = map(float, re.findall(r"\d+\.\d+", learned))
-    assert last < first - 0.5
-    assert re.fullmatch(r"eval loss \d+\.\d+, perplexity \d+\.\d at step 30", evaluated), evaluated
+    assert learned == f"train loss {losses[5]:.3f} at step 5 -> {losses[40]:.3f} at step 40", learned
+    assert re.fullmatch(r"eval loss \d+\.\d+, perplexity \d+\.\d at step 40", evaluated), evaluated
     assert plotted == "plot written to runs/quickstart/loss.png"
     assert (tmp_path / "runs" / "quickstart" / "loss.png").read_bytes().startswith(b"\x89PNG")
     logs = result.stdout + result.stderr
