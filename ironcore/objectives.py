@@ -41,14 +41,18 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     the count of targets the logits' argmax predicts (long scalar, not differentiable).
 
     The same loss and gradient as ``F.cross_entropy(logits.float(), targets, reduction="sum")`` (to fp32
-    rounding: the sum runs in another order), computed in chunks of rows in fp32: forward keeps only the
-    log-sum-exp per row (N floats) and backward writes ``(softmax - onehot) * grad`` chunk by chunk straight
-    into a gradient of the logits' dtype. The plain path holds an fp32 copy of bf16 logits, an [N, V] fp32
-    log-softmax for backward and a zero-filled [N, V] nll gradient, and streams each of them through
-    memory several times: on a 2-core CPU that is 65 vs 43 ms (fp32) and 92 vs 33 ms (bf16) per step for
-    2048 x 8192 logits (benchmarks/README.md). The token accuracy comes from the same pass: `max` gives the
-    row's peak and its index together, where a separate `argmax` read all the logits again (2048 x 8192 on one
-    core: 78 against 19 ms in bf16, 17 against 14 in fp32). Eval and DPO keep their own functions.
+    rounding), computed in chunks of rows in fp32: forward keeps nothing of [N, V] size, backward recomputes each
+    chunk's softmax and writes ``(softmax - onehot) * grad`` over the logits themselves (an activation's logits are
+    read by nothing after the loss; a leaf's, or a view of one, get a fresh gradient). The
+    plain path holds an fp32 copy of bf16 logits, an [N, V] fp32 log-softmax for backward and a zero-filled
+    [N, V] nll gradient, and streams each of them through memory several times.
+
+    On a CPU, three things make it fast (benchmarks/README.md): each chunk goes through torch's fused
+    `log_softmax` / `softmax` kernels, not `sub`, `exp_` and `sum` (torch's standalone `exp` is 2x slower there
+    than the softmax kernel's); every chunk-sized temporary is one workspace allocated once per call, since a
+    fresh 4 MiB tensor on huge pages costs milliseconds of page faults (so does the fresh [N, V]
+    gradient the in-place backward saves); and the accuracy takes `amax` and float
+    passes, not `max(dim)` or `argmax`, which are 4x slower there (`count_argmax_hits`).
     """
 
     @staticmethod
@@ -56,39 +60,69 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         rows = chunk_rows(logits)
         valid = targets != IGNORE_INDEX
         safe = targets.masked_fill(~valid, 0)
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        predicted = torch.empty_like(targets)
+        picked = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # log p(target) [N]
+        correct = torch.zeros((), dtype=torch.long, device=logits.device)
+        logp = _workspace(logits, rows)
+        upcast = None if logits.dtype == torch.float32 else _workspace(logits, rows)
         with torch.autocast(logits.device.type, enabled=False):
             for start in range(0, logits.shape[0], rows):
-                chunk = logits[start : start + rows].float()
-                peak, argmax = chunk.max(dim=-1)  # the first index of the peak on ties, as `argmax` gives it
-                predicted[start : start + rows] = argmax
-                lse[start : start + rows] = peak + (chunk - peak[:, None]).exp_().sum(dim=-1).log_()
-            picked = logits.gather(1, safe[:, None]).squeeze(1).float()
-            loss_sum = ((lse - picked) * valid).sum()
-        correct = ((predicted == safe) & valid).sum()
-        ctx.save_for_backward(logits, lse, safe, valid)
+                chunk = logits[start : start + rows]
+                n = chunk.shape[0]
+                x = chunk if upcast is None else upcast[:n].copy_(chunk)  # (n, V) fp32
+                correct += count_argmax_hits(x, safe[start : start + n], valid[start : start + n], logp[:n])
+                torch.log_softmax(x, dim=-1, out=logp[:n])
+                picked[start : start + n] = logp[:n].gather(1, safe[start : start + n, None]).squeeze(1)
+            loss_sum = -(picked * valid).sum()
+        ctx.save_for_backward(logits, safe, valid)
+        root = logits if logits._base is None else logits._base
+        ctx.in_place = not root.is_leaf  # a leaf's logits (or a view of one) belong to the caller
         ctx.mark_non_differentiable(correct)
         return loss_sum, correct
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor, _grad_correct: None) -> tuple[torch.Tensor, None]:
-        logits, lse, safe, valid = ctx.saved_tensors
+        logits, safe, valid = ctx.saved_tensors
         rows = chunk_rows(logits)
-        grad = torch.empty_like(logits)
+        # The gradient overwrites the logits, which nothing reads after this (as in Liger-Kernel's cross-entropy):
+        # no fresh [N, V] tensor to map and page in each step.
+        grad = logits if ctx.in_place else torch.empty_like(logits)
         scale = valid.float() * grad_output
+        fp32 = grad.dtype == torch.float32  # the gradient chunk itself is the workspace; else an fp32 one
+        upcast = None if fp32 else _workspace(logits, rows)
         for start in range(0, logits.shape[0], rows):
             chunk = logits[start : start + rows]
             n = chunk.shape[0]
-            # fp32 logits: the gradient chunk itself is the workspace; bf16/fp16: an fp32 one, cast on the copy
-            fp32 = grad.dtype == torch.float32
-            out = grad[start : start + n] if fp32 else chunk.new_empty(chunk.shape, dtype=torch.float32)
-            torch.sub(chunk, lse[start : start + n, None], out=out).exp_()
+            out = grad[start : start + n] if fp32 else upcast[:n].copy_(chunk)
+            torch.softmax(chunk if fp32 else out, dim=-1, out=out)
             out[torch.arange(n, device=out.device), safe[start : start + n]] -= 1.0
             out.mul_(scale[start : start + n, None])
             if not fp32:
                 grad[start : start + n] = out
         return grad, None
+
+
+def _workspace(logits: torch.Tensor, rows: int) -> torch.Tensor:
+    """An fp32 buffer of one chunk's shape, reused by every chunk of a call."""
+    return torch.empty((min(rows, logits.shape[0]), logits.shape[1]), dtype=torch.float32, device=logits.device)
+
+
+def count_argmax_hits(x: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                      work: torch.Tensor) -> torch.Tensor:
+    """How many valid rows of `x` [n, V] have `argmax == target` (long scalar; ties go to the first index, as
+    `argmax` gives them). `work`: an fp32 [n, V] scratch buffer.
+
+    On a CPU, `argmax` and `max(dim)` run 4x slower than `amax` and three float passes, so a row counts when its
+    target's logit is the peak and the peak occurs once (`x - peak` is exactly 0 only where x equals it); only rows
+    where the target shares the peak with others, rare, take an `argmax`. Elsewhere the `nonzero` that picks them
+    would wait on the device, and `argmax` is fast: it runs over every row.
+    """
+    if x.device.type != "cpu":
+        return ((x.argmax(dim=-1) == targets) & valid).sum()
+    peak = x.amax(dim=-1)  # (n,)
+    at_peak = (x.gather(1, targets[:, None]).squeeze(1) == peak) & valid
+    peaks = x.shape[1] + torch.sub(x, peak[:, None], out=work).sign_().sum(dim=-1)  # (n,) elements equal to the peak
+    tied = (at_peak & (peaks > 1)).nonzero().squeeze(1)
+    return (at_peak & (peaks == 1)).sum() + (x[tied].argmax(dim=-1) == targets[tied]).sum()
 
 
 def chunk_rows(logits: torch.Tensor) -> int:
@@ -100,7 +134,8 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     """Summed next-token cross-entropy over trained tokens (fp32 scalar), their count, and how many of them
     the argmax of the logits predicts (long scalars).
 
-    The step loss is ``sum(loss_sum) / sum(num_tokens)`` over all micro-batches and ranks of the step.
+    The step loss is ``sum(loss_sum) / sum(num_tokens)`` over all micro-batches and ranks of the step. Its
+    backward overwrites `logits` with their gradient unless they are a leaf: read them before ``backward()``.
     """
     # Shift the labels, not the logits: slicing [B,T,V] logits copies them and allocates a full-size gradient
     # in backward (measured ~5% of a CPU step); the padded last target is ignored, so the sum is the same.

@@ -42,7 +42,8 @@ def test_token_weighted_loss_over_chunks_equals_full_batch_mean():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk_elements", [5 * V, 2**20])  # ragged chunks of 5 rows (48 = 9 x 5 + 3); one chunk
-def test_chunked_cross_entropy_equals_plain_loss_and_gradients(monkeypatch, dtype, chunk_elements):
+@pytest.mark.parametrize("activation", [False, True])  # the logits a leaf, or an op's output (gradient in place)
+def test_chunked_cross_entropy_equals_plain_loss_and_gradients(monkeypatch, dtype, chunk_elements, activation):
     """The training loss path against `F.cross_entropy(logits.float(), ..., reduction="sum")`, as autocast gives it:
     the same loss to fp32 rounding, the same logits gradient (fp32: to 1e-6; bf16: both round the same fp32 value to
     bf16 once, so to bf16's own tolerance), zero gradient on ignored rows, and the upstream gradient applied."""
@@ -51,7 +52,7 @@ def test_chunked_cross_entropy_equals_plain_loss_and_gradients(monkeypatch, dtyp
     targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
     flat = logits.flatten(0, 1).to(dtype)
     ours, plain = flat.clone().requires_grad_(), flat.clone().requires_grad_()
-    loss, correct = ChunkedCrossEntropy.apply(ours, targets)
+    loss, correct = ChunkedCrossEntropy.apply(ours * 1 if activation else ours, targets)
     valid = targets != -100
     assert int(correct) == int(((plain.argmax(-1) == targets) & valid).sum()) and not correct.requires_grad
     ref = F.cross_entropy(plain.float(), targets, ignore_index=-100, reduction="sum")
@@ -64,6 +65,22 @@ def test_chunked_cross_entropy_equals_plain_loss_and_gradients(monkeypatch, dtyp
     assert ours.grad[targets == -100].abs().max() == 0
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_counts_ties_as_argmax_does(monkeypatch, dtype):
+    """Integer logits in [-2, 2] tie often: a row counts only where `argmax` (the first peak) is the target, never
+    just because the target shares the peak; ragged chunks of 7 rows and ignored rows included."""
+    monkeypatch.setattr(objectives, "CPU_CHUNK_ELEMENTS", 7 * V)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(-2, 3, (200, V), generator=g).to(dtype)
+    peaks = (logits == logits.amax(-1, keepdim=True)).float()
+    targets = torch.multinomial(peaks, 1, generator=g).squeeze(1)  # a peak of each row, often not its first one
+    targets[::9] = -100
+    valid = targets != -100
+    first_peak = logits.argmax(-1) == targets
+    assert (valid & ~first_peak).sum() > 20 and (valid & first_peak).sum() > 20  # both cases are exercised
+    _, correct = ChunkedCrossEntropy.apply(logits, targets)
+    assert int(correct) == int((first_peak & valid).sum())
 def test_lm_loss_sum_leaves_the_logits_unchanged_and_needs_no_grad():
     """fp32 chunks are views of the logits: the loss must never write into them; under no_grad (eval) it is a value."""
     logits, labels = padded_batch(3)

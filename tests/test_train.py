@@ -453,6 +453,7 @@ def test_sft_loss_ignores_prompt_tokens(sft_pieces):
         result = loop.task(model, batch)
     finally:
         handle.remove()
+    logits = captured["logits"].detach()[:, :-1].clone()  # before backward, which writes the gradient over them
     result.loss_sum.backward()
     model.zero_grad(set_to_none=True)
     grad = captured["logits"].grad  # [B, T, V]; position t predicts label t + 1
@@ -463,7 +464,6 @@ def test_sft_loss_ignores_prompt_tokens(sft_pieces):
     predicts_answer[:, :-1] = labels[:, 1:] != -100
     assert (grad[predicts_answer].abs().amax(dim=-1) > 0).all()
 
-    logits = captured["logits"].detach()[:, :-1]
     per_token = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1), reduction="none"
     ).view_as(labels[:, 1:])
