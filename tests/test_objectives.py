@@ -65,7 +65,6 @@ def test_chunked_cross_entropy_equals_plain_loss_and_gradients(monkeypatch, dtyp
     assert ours.grad[targets == -100].abs().max() == 0
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_cross_entropy_counts_ties_as_argmax_does(monkeypatch, dtype):
     """Integer logits in [-2, 2] tie often: a row counts only where `argmax` (the first peak) is the target, never
@@ -81,8 +80,11 @@ def test_chunked_cross_entropy_counts_ties_as_argmax_does(monkeypatch, dtype):
     assert (valid & ~first_peak).sum() > 20 and (valid & first_peak).sum() > 20  # both cases are exercised
     _, correct = ChunkedCrossEntropy.apply(logits, targets)
     assert int(correct) == int((first_peak & valid).sum())
+
+
 def test_lm_loss_sum_leaves_the_logits_unchanged_and_needs_no_grad():
-    """fp32 chunks are views of the logits: the loss must never write into them; under no_grad (eval) it is a value."""
+    """fp32 chunks are views of the logits: forward never writes into them, nor does backward into a leaf's (only an
+    activation's logits take their gradient in place); under no_grad (eval) the loss is a value."""
     logits, labels = padded_batch(3)
     before = logits.clone()
     with torch.no_grad():
